@@ -1,0 +1,41 @@
+"""flowsim: neural-network training as a continuous dynamical system.
+
+Gradient flow, modified flows and true discrete SGD from the same start on the same data,
+with the quantities that the network's symmetries conserve recorded in xarray Datasets.
+"""
+
+__version__ = "0.1.0"
+
+from . import errors
+from .errors import ConfigError, DataError, FlowsimError, IntegrationError, ModelError, RecordError
+from . import data, laws, models, integrators  # noqa: E402  (models/integrators need errors first)
+from .problem import Problem
+from .dynamics import DiscreteSGD, GradientFlow
+from .laws import Law
+from .simulate import simulate
+from .config import load_config, run_config
+from .record import open_record
+from . import accessor  # noqa: F401  (registers ds.flowsim)
+
+__all__ = [
+    "__version__",
+    "errors",
+    "ConfigError",
+    "DataError",
+    "FlowsimError",
+    "IntegrationError",
+    "ModelError",
+    "RecordError",
+    "data",
+    "laws",
+    "models",
+    "integrators",
+    "Problem",
+    "GradientFlow",
+    "DiscreteSGD",
+    "Law",
+    "simulate",
+    "load_config",
+    "run_config",
+    "open_record",
+]

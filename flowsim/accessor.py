@@ -1,0 +1,70 @@
+"""``ds.flowsim``: the xarray accessor for checking laws and plotting a record."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+
+@xr.register_dataset_accessor("flowsim")
+class FlowsimAccessor:
+    """Law drift, summaries and plots of a flowsim record (any Dataset of its schema)."""
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._obj = ds
+
+    def drift(self) -> xr.DataArray:
+        """Relative drift of every law component: (Q(t) − Q(0)) / scale, where scale is the
+        magnitude of the law's terms at the start (|θ_A1|² + |θ_A2|², Σ|W_kj|, …)."""
+        ds = self._obj
+        scale = ds["scale"].where(ds["scale"] > 0, 1.0)
+        drift = (ds["value"] - ds["value"].isel(time=0)) / scale
+        return drift.assign_attrs(long_name="relative drift (Q(t) − Q(0)) / scale")
+
+    def summary(self) -> xr.Dataset:
+        """Per law kind: the number of components and the largest |relative drift| over the run."""
+        ds = self._obj
+        drift = abs(self.drift())
+        kinds = list(dict.fromkeys(ds["law"].values.tolist()))
+        max_drift = [float(drift.where(ds["law"] == k).max()) for k in kinds]
+        count = [int((ds["law"] == k).sum()) for k in kinds]
+        return xr.Dataset(
+            {
+                "max_drift": ("law", np.asarray(max_drift), {"long_name": "max |relative drift| over time and components"}),
+                "components": ("law", np.asarray(count, dtype=np.int64)),
+            },
+            coords={"law": kinds},
+        )
+
+    def plot(self, path=None):
+        """Loss and each law kind's relative drift over time, one panel each; saved to `path`
+        if given. Returns the matplotlib Figure."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        ds = self._obj
+        kinds = list(dict.fromkeys(ds["law"].values.tolist()))
+        panels = (["loss"] if "loss" in ds else []) + kinds
+        fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2.2 * len(panels)), sharex=True, squeeze=False)
+        t = ds["time"].values
+        drift = self.drift()
+        for ax, panel in zip(axes[:, 0], panels):
+            if panel == "loss":
+                ax.plot(t, ds["loss"].values, color="k")
+                ax.set_yscale("log")
+                ax.set_ylabel("loss")
+                continue
+            d = drift.where(ds["law"] == panel, drop=True)
+            ax.plot(t, d.values, lw=0.6, alpha=0.5)
+            ax.plot(t, abs(d).max("quantity").values, color="k", lw=1.5, label="max |drift|")
+            ax.set_ylabel(f"{panel}\nrel. drift")
+            ax.legend(loc="best", fontsize=7)
+        axes[-1, 0].set_xlabel(f"time ({ds['time'].attrs.get('units', '')})")
+        fig.suptitle(f"{ds.attrs.get('dynamics', '')[:80]}\nstatus: {ds.attrs.get('status', '?')}", fontsize=8)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig

@@ -1,0 +1,104 @@
+"""The command line: ``flowsim run | info | plot``.
+
+Exit status: 0 done, 2 bad input (one line naming the field), 3 the run diverged,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    overrides = {"out": args.out, "overwrite": args.overwrite or None}
+    if args.no_progress:
+        overrides["progress"] = False
+    config = load_config(args.config, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the status line below says it
+        ds = config.simulate()
+    status = ds.attrs["status"]
+    print(
+        f"{status}: {ds.sizes['time']} save points, t = {float(ds.time[-1]):g}"
+        + (f" ({ds.attrs['status_message']})" if ds.attrs["status_message"] else "")
+    )
+    return EXIT_DIVERGED if status == "diverged" else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .record import open_record
+
+    ds = open_record(args.run)
+    dynamics = json.loads(ds.attrs.get("dynamics", "{}"))
+    integrator = json.loads(ds.attrs.get("integrator", "{}"))
+    print(f"run         {args.run}")
+    print(f"dynamics    {', '.join(f'{k}={v}' for k, v in dynamics.items())}")
+    print(f"integrator  {', '.join(f'{k}={v}' for k, v in integrator.items())}")
+    print(f"status      {ds.attrs.get('status')}" + (f": {ds.attrs['status_message']}" if ds.attrs.get("status_message") else ""))
+    if ds.sizes.get("time", 0):
+        print(
+            f"time        {float(ds.time[0]):g} … {float(ds.time[-1]):g} ({ds.sizes['time']} save points, {int(ds.nfe[-1])} evaluations)"
+        )
+    if "loss" in ds and ds.sizes.get("time", 0):
+        print(f"loss        {float(ds.loss[0]):.6g} → {float(ds.loss[-1]):.6g}")
+    if ds.sizes.get("quantity", 0) and ds.sizes.get("time", 0):
+        summary = ds.flowsim.summary()
+        print("law kind      components   max relative drift")
+        for kind in summary.law.values:
+            row = summary.sel(law=kind)
+            print(f"{kind:<13} {int(row.components):>10}   {float(row.max_drift):.3e}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .record import open_record
+
+    ds = open_record(args.run)
+    ds.flowsim.plot(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowsim", description="Neural-network training as a dynamical system.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a TOML config")
+    run.add_argument("config")
+    run.add_argument("--out", help="output .zarr or .nc (overrides [run] out)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
+    info = sub.add_parser("info", help="summarise a record: dynamics, status, drift per law kind")
+    info.add_argument("run")
+    info.set_defaults(func=_info)
+    plot = sub.add_parser("plot", help="plot loss and each law kind's relative drift")
+    plot.add_argument("run")
+    plot.add_argument("-o", "--output", required=True, help="figure path (.png, .pdf, …)")
+    plot.set_defaults(func=_plot)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import FlowsimError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FlowsimError as exc:
+        print(f"flowsim: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("flowsim: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

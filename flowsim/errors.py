@@ -1,0 +1,66 @@
+"""The errors flowsim raises on purpose.
+
+Every user mistake is a :class:`FlowsimError` raised before any work starts; its message
+names the field, the value seen and what was expected.  The command line prints it on one
+line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FlowsimError(Exception):
+    """Base class of every error flowsim raises on purpose."""
+
+
+class ConfigError(FlowsimError, ValueError):
+    """A run setting (keyword argument or TOML key) is missing, mistyped or out of range."""
+
+
+class ModelError(FlowsimError, ValueError):
+    """The model cannot be built, evaluated or analysed as asked."""
+
+
+class DataError(FlowsimError, ValueError):
+    """The data are malformed: shapes, dtypes, label ranges, sizes."""
+
+
+class RecordError(FlowsimError, ValueError):
+    """An output store cannot be written or read as asked (exists, damaged, wrong schema)."""
+
+
+def bad_value(field: str, value: Any, expected: str, cls: type[FlowsimError] = ConfigError) -> FlowsimError:
+    """Build the standard message: ``field: got value; expected ...``."""
+    return cls(f"{field}: got {value!r}; expected {expected}")
+
+
+def check_number(
+    field: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    cls: type[FlowsimError] = ConfigError,
+) -> Any:
+    """Return `value` as int or float if it is a finite number in range, else raise `cls`."""
+    kind = "an integer" if integer else "a finite number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise bad_value(field, value, kind, cls)
+    value = int(value) if integer else float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise bad_value(field, value, kind, cls)
+    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+        raise bad_value(field, value, f"{kind} {'>' if exclusive_minimum else '>='} {minimum}", cls)
+    if maximum is not None and value > maximum:
+        raise bad_value(field, value, f"{kind} <= {maximum}", cls)
+    return value
+
+
+class IntegrationError(FlowsimError, RuntimeError):
+    """An integration could not go on (step-size underflow, non-finite state, too many steps).
+
+    ``simulate`` turns it into ``status="diverged"``, keeping every point saved before."""

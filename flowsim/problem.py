@@ -1,0 +1,293 @@
+"""Problem: a model, its data, a loss and weight decay, seen as functions of one flat vector θ.
+
+    L(θ)   = (1/N) Σ_i ℓ_i(θ)                  the data loss (``loss``)
+    L_λ(θ) = L(θ) + (λ/2) |θ|²                  what the dynamics descend
+    ĝ(θ)   = ∇L(θ) on the evaluated examples    (``loss_and_grad``; weight decay is added by
+                                                 the dynamics, so records can use ĝ itself)
+
+ℓ_i is PyTorch's per-example loss: cross-entropy, or for "mse" the mean over output components
+of the squared error (so L equals ``F.mse_loss`` with its default reduction).
+
+The network is always evaluated in training mode: a normalisation layer uses the statistics of
+the evaluated examples (all N for the flows, the mini-batch for SGD) and its running statistics
+are never read nor written (they are passed as ``None`` to ``torch.func.functional_call``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _NormBase
+
+from .errors import DataError, ModelError, bad_value, check_number
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def _per_example_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
+    """ℓ_i for every example of ``output``: shape (n,)."""
+    if kind == "cross_entropy":
+        return nn.functional.cross_entropy(output, target, reduction="none")
+    return (output - target).square().flatten(1).mean(1)
+
+
+class Problem:
+    """A model, its data, a loss and weight decay, seen as functions of a flat parameter vector.
+
+    **Main arguments**
+
+    - `model`: any ``nn.Module``; its trainable parameters, in ``named_parameters`` order, are θ.
+    - `data`: ``(X, y)``; X has the examples on its first axis; y holds integer class labels
+      (cross_entropy) or float targets with the model's output shape (mse).
+    - `loss`: ``"cross_entropy"`` or ``"mse"``.
+    - `weight_decay`: λ ≥ 0 in L_λ = L + (λ/2)|θ|².
+
+    **Other arguments**
+
+    - `chunk_size`: evaluate the full data in chunks of this many examples (exact for models
+      whose examples are independent; refused for models with BatchNorm).
+
+    **Raises** `DataError` or `ModelError` naming what is wrong, before anything is computed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: tuple[Tensor, Tensor],
+        loss: str = "cross_entropy",
+        weight_decay: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise bad_value("model", type(model).__name__, "a torch.nn.Module", ModelError)
+        if loss not in LOSSES:
+            raise bad_value("problem.loss", loss, f"one of {', '.join(LOSSES)}")
+        weight_decay = check_number("problem.weight_decay", weight_decay, minimum=0.0)
+        self.model = model
+        self.loss_kind = loss
+        self.weight_decay = weight_decay
+        self.batch_coupled = any(isinstance(m, _NormBase) for m in model.modules())
+        if chunk_size is not None:
+            check_number("problem.chunk_size", chunk_size, integer=True, minimum=1)
+            if self.batch_coupled:
+                raise ModelError(
+                    f"problem.chunk_size: got {chunk_size}; a model with BatchNorm couples the examples of a "
+                    "batch, so the full-data gradient cannot be chunked (use chunk_size=None)"
+                )
+        self.chunk_size = chunk_size
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ModelError("model: has no trainable parameters")
+        self.names = tuple(n for n, _ in named)
+        self.shapes = tuple(p.shape for _, p in named)
+        self.sizes = tuple(p.numel() for _, p in named)
+        reference = named[0][1]
+        self.device, self.dtype = reference.device, reference.dtype
+        self._net, self._flat, self._flat_grad = _flat_network(model, self.names, self.sizes)
+
+        self.X, self.y = self._check_data(data)
+        self.output_shape = self._probe_output()
+        self._check_targets()
+
+    # ----------------------------------------------------------------------------- set-up
+    def _check_data(self, data: Any) -> tuple[Tensor, Tensor]:
+        if not isinstance(data, Sequence) or len(data) != 2:
+            raise bad_value("data", type(data).__name__, "a pair (X, y) of tensors", DataError)
+        X, y = (torch.as_tensor(a) for a in data)
+        if X.ndim < 2 or X.shape[0] == 0:
+            raise bad_value("data.X", tuple(X.shape), "shape (N, ...) with N >= 1 examples", DataError)
+        if y.ndim < 1 or y.shape[0] != X.shape[0]:
+            raise DataError(
+                f"data: X has {X.shape[0]} examples but y has {y.shape[0] if y.ndim else 'no axis of'} "
+                "labels; expected the same number"
+            )
+        if not X.is_floating_point():
+            X = X.to(self.dtype)
+        if not torch.isfinite(X).all():
+            raise DataError("data.X: contains NaN or Inf; expected finite inputs")
+        X = X.to(device=self.device, dtype=self.dtype)
+        if self.loss_kind == "cross_entropy":
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise bad_value("data.y", str(y.dtype), "integer class labels for cross_entropy", DataError)
+            if y.ndim != 1:
+                raise bad_value("data.y", tuple(y.shape), "shape (N,) class labels", DataError)
+            y = y.to(device=self.device, dtype=torch.long)
+        else:
+            if not y.is_floating_point():
+                y = y.to(self.dtype)
+            if not torch.isfinite(y).all():
+                raise DataError("data.y: contains NaN or Inf; expected finite regression targets")
+            y = y.to(device=self.device, dtype=self.dtype)
+        return X, y
+
+    def _probe_output(self) -> tuple[int, ...]:
+        """Run the model on two examples once, so a model that cannot take X fails here."""
+        theta = self.initial_theta()
+        try:
+            with torch.no_grad():
+                out = self._forward(theta, self.X[: min(2, len(self.X))])
+        except Exception as exc:  # the user's model: any failure is a ModelError
+            raise ModelError(f"model: fails on inputs of shape {tuple(self.X.shape[1:])} ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(out, Tensor):
+            raise bad_value("model output", type(out).__name__, "one tensor", ModelError)
+        return tuple(out.shape[1:])
+
+    def _check_targets(self) -> None:
+        if self.loss_kind == "cross_entropy":
+            if len(self.output_shape) != 1:
+                raise bad_value("model output", self.output_shape, "(num_classes,) logits for cross_entropy", ModelError)
+            n_classes = self.output_shape[0]
+            lo, hi = int(self.y.min()), int(self.y.max())
+            if lo < 0 or hi >= n_classes:
+                raise DataError(
+                    f"data.y: labels range over [{lo}, {hi}]; expected labels in [0, {n_classes - 1}] "
+                    f"for a model with {n_classes} outputs"
+                )
+        else:
+            if self.y.ndim == 1 and self.output_shape == (1,):
+                self.y = self.y[:, None]
+            if tuple(self.y.shape[1:]) != self.output_shape:
+                raise DataError(
+                    f"data.y: targets have shape {tuple(self.y.shape[1:])} per example; expected the "
+                    f"model's output shape {self.output_shape} for mse"
+                )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Problem:
+        """A copy on `device` with floating tensors in `dtype` (the model is deep-copied)."""
+        model = copy.deepcopy(self.model).to(device=device, dtype=dtype).train()
+        X = self.X.to(device=device, dtype=dtype)
+        y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
+        return Problem(model, (X, y), self.loss_kind, self.weight_decay, self.chunk_size)
+
+    # ----------------------------------------------------------------------------- θ
+    @property
+    def n_params(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def n_examples(self) -> int:
+        return self.X.shape[0]
+
+    def initial_theta(self) -> Tensor:
+        """A flat copy of the model's current trainable parameters."""
+        params = dict(self.model.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Views of `theta` (..., P) shaped like the parameters; no copy."""
+        lead = theta.shape[:-1]
+        return {n: t.view(*lead, *s) for n, t, s in zip(self.names, torch.split(theta, self.sizes, dim=-1), self.shapes)}
+
+    def load_into_model(self, theta: Tensor) -> None:
+        """Copy `theta` into the model's parameters (for users who continue in plain PyTorch)."""
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for n, v in self.unflatten(theta).items():
+                params[n].copy_(v)
+
+    # ----------------------------------------------------------------------------- evaluation
+    def _forward(self, theta: Tensor, X: Tensor) -> Tensor:
+        """f(X; θ) as a pure function of θ (for torch.func transforms and double backward)."""
+        return functional_call(self._net, self.unflatten(theta), (X,))
+
+    def per_example_losses(self, theta: Tensor, index: Tensor | None = None) -> Tensor:
+        """ℓ_i(θ) for the examples in `index` (all by default), evaluated together."""
+        X, y = (self.X, self.y) if index is None else (self.X[index], self.y[index])
+        return _per_example_loss(self.loss_kind, self._forward(theta, X), y)
+
+    def loss(self, theta: Tensor, index: Tensor | None = None) -> Tensor:
+        """L(θ): mean data loss (no weight-decay penalty) over `index` (all examples by default)."""
+        with torch.no_grad():
+            self._flat.copy_(theta)
+            return sum(self._mean_loss(chunk, weight) for chunk, weight in self._parts(index))
+
+    def _parts(self, index: Tensor | None) -> list[tuple[Tensor | None, float]]:
+        """The chunks that make up `index` (all examples by default), each with its share n_c / n."""
+        if index is not None or self.chunk_size is None or self.chunk_size >= self.n_examples:
+            return [(index, 1.0)]
+        chunks = torch.arange(self.n_examples, device=self.device).split(self.chunk_size)
+        return [(c, len(c) / self.n_examples) for c in chunks]
+
+    def _mean_loss(self, index: Tensor | None, weight: float = 1.0) -> Tensor:
+        """weight · mean_i∈index ℓ_i, evaluated by the flat-buffer network (PyTorch's reductions)."""
+        X, y = (self.X, self.y) if index is None else (self.X[index], self.y[index])
+        out = self._net(X)
+        loss = nn.functional.cross_entropy(out, y) if self.loss_kind == "cross_entropy" else nn.functional.mse_loss(out, y)
+        return loss if weight == 1.0 else loss * weight
+
+    def loss_and_grad(self, theta: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(L(θ), ĝ = ∇L(θ)) on the examples in `index` (all by default): one forward+backward
+        of the network, whose parameters are views of one flat buffer holding θ; the gradient
+        accumulates into views of one flat gradient buffer."""
+        with torch.no_grad():
+            self._flat.copy_(theta)
+            self._flat_grad.zero_()
+        total = 0.0
+        with torch.enable_grad():
+            for chunk, weight in self._parts(index):
+                loss = self._mean_loss(chunk, weight)
+                loss.backward()
+                total = total + loss.detach()
+        return total, self._flat_grad.clone()
+
+    def weighted_grad(self, theta: Tensor, weights: Tensor) -> Tensor:
+        """∇_θ Σ_i w_i ℓ_i(θ) over all N examples: one forward+backward (not chunked)."""
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.per_example_losses(leaf) @ weights, leaf)
+        return grad
+
+    def hvp(self, theta: Tensor, v: Tensor, index: Tensor | None = None) -> Tensor:
+        """H(θ) v with H = ∇²L (data loss, no penalty), by double backward."""
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            loss = self.per_example_losses(leaf, index).mean()
+            (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            (hv,) = torch.autograd.grad(grad, leaf, v)
+        return hv
+
+    # ----------------------------------------------------------------------------- metadata
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary, stored in a Dataset's ``problem`` attribute."""
+        return {
+            "model": type(self.model).__name__,
+            "n_params": self.n_params,
+            "n_examples": self.n_examples,
+            "input_shape": list(self.X.shape[1:]),
+            "output_shape": list(self.output_shape),
+            "loss": self.loss_kind,
+            "weight_decay": self.weight_decay,
+            "parameters": {n: list(s) for n, s in zip(self.names, self.shapes)},
+        }
+
+    def __repr__(self) -> str:
+        return f"Problem({json.dumps(self.describe(), default=str)})"
+
+
+def _flat_network(model: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...]) -> tuple[nn.Module, Tensor, Tensor]:
+    """A private copy of `model` in training mode whose trainable parameters are views of one
+    flat buffer and whose gradients accumulate into views of another, so evaluating at a new θ
+    is one copy and no concatenation. Normalisation layers stop tracking running statistics:
+    they always normalise with the statistics of the evaluated batch and mutate nothing."""
+    net = copy.deepcopy(model).train()
+    for module in net.modules():
+        if isinstance(module, _NormBase):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+    params = dict(net.named_parameters())
+    reference = params[names[0]]
+    flat = torch.empty(sum(sizes), dtype=reference.dtype, device=reference.device)
+    flat_grad = torch.zeros_like(flat)
+    for name, view, grad_view in zip(names, flat.split(sizes), flat_grad.split(sizes)):
+        p = params[name]
+        view.copy_(p.detach().reshape(-1))
+        p.data = view.view_as(p)
+        p.grad = grad_view.view_as(p)
+    return net, flat, flat_grad

@@ -1,0 +1,288 @@
+"""Observers → xarray.Dataset, streamed to zarr (appended as the run goes) or netCDF.
+
+The schema (DESIGN §6): dims ``time`` and ``quantity`` (one entry per law component);
+``value``/``grad_sq``/``velocity_sq`` (time, quantity); ``loss``, ``grad_norm``, ``nfe``,
+``wall_time``, optional ``sharpness`` (time); optional ``params`` (time, parameter). Coords
+``time``, ``step`` (time) and ``law``, ``site``, ``component``, ``exact``, ``scale``
+(quantity); hyper-parameters that vary between runs as scalar coords. Attrs hold strings and
+numbers only; structured ones are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time as _time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from .errors import ConfigError, RecordError
+from .integrators import SavePoint
+from .laws import LawSet
+from .problem import Problem
+
+OBSERVABLES = ("loss", "grad_norm", "sharpness", "params")
+
+#: long_name and units of every variable a record may hold
+VARIABLES: dict[str, dict[str, str]] = {
+    "value": {"long_name": "law component value Q(θ)"},
+    "grad_sq": {
+        "long_name": "law form of the gradient that moves θ, Q(ĝ) (|g_A|², |g_A1|² − |g_A2|², Σ g_A)",
+    },
+    "velocity_sq": {"long_name": "law form of the velocity that moves θ, Q(v)"},
+    "loss": {"long_name": "data loss L(θ) on the full data, without the weight-decay penalty"},
+    "grad_norm": {"long_name": "norm of the gradient that moves θ, |ĝ + λθ|"},
+    "sharpness": {"long_name": "largest Hessian eigenvalue of the data loss (power iteration)"},
+    "nfe": {"long_name": "cumulative evaluations of the dynamics (vector field calls or SGD steps)"},
+    "wall_time": {"long_name": "wall-clock time since the run started", "units": "s"},
+    "params": {"long_name": "flat parameter vector θ"},
+    "time": {"long_name": "training time", "units": "t = step * lr"},
+    "step": {"long_name": "integrator steps taken (SGD steps for discrete dynamics)"},
+    "law": {"long_name": "law kind"},
+    "site": {"long_name": "module names of the law's layers"},
+    "component": {"long_name": "component of the law (unit, channel, column)"},
+    "exact": {"long_name": "True where no known term (normalisation eps) breaks the law"},
+    "scale": {"long_name": "magnitude of the law's terms at the start (drift is relative to it)"},
+    "tensor": {"long_name": "parameter tensor each entry of params belongs to"},
+    "quantity": {"long_name": "law component, labelled law:site:component"},
+    "lr": {"long_name": "learning rate η"},
+    "batch_size": {"long_name": "mini-batch size S (-1: the full data)"},
+    "momentum": {"long_name": "momentum β"},
+    "dampening": {"long_name": "momentum dampening d"},
+    "weight_decay": {"long_name": "weight decay λ"},
+    "seed": {"long_name": "seed of batch order and noise"},
+}
+
+
+def check_observe(observe: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(observe, str) or not all(isinstance(o, str) for o in observe):
+        raise ConfigError(f"run.observe: got {observe!r}; expected a list of names from {', '.join(OBSERVABLES)}")
+    unknown = [o for o in observe if o not in OBSERVABLES]
+    if unknown:
+        raise ConfigError(f"run.observe: got {unknown[0]!r}; expected names from {', '.join(OBSERVABLES)}")
+    return tuple(dict.fromkeys(observe))
+
+
+def check_output(out: str | os.PathLike | None, resume: bool, overwrite: bool) -> Path | None:
+    """The output path, refused before any work if it would damage what is there."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix not in (".zarr", ".nc"):
+        raise ConfigError(f"run.out: got {str(out)!r}; expected a path ending in .zarr or .nc")
+    if path.exists() and not (resume or overwrite):
+        raise ConfigError(f"run.out: {str(out)!r} exists; pass overwrite=True to replace it or resume=True to continue it")
+    if not path.parent.exists():
+        raise ConfigError(f"run.out: the folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def sharpness(problem: Problem, theta: Tensor, iterations: int = 20, start: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Largest Hessian eigenvalue of L at θ by power iteration on Hessian-vector products."""
+    v = torch.randn_like(theta) if start is None else start
+    v = v / v.norm()
+    eig = torch.zeros((), dtype=theta.dtype, device=theta.device)
+    for _ in range(iterations):
+        hv = problem.hvp(theta, v)
+        eig = hv @ v
+        v = hv / hv.norm().clamp_min(torch.finfo(theta.dtype).tiny)
+    return eig, v
+
+
+class _ZarrStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = False
+
+    def write(self, chunk: xr.Dataset, attrs: dict[str, Any]) -> None:
+        if not self.started:
+            chunk.to_zarr(self.path, mode="w", zarr_format=2, consolidated=True)
+            self.started = True
+        else:
+            fixed = [k for k, v in chunk.variables.items() if "time" not in v.dims]
+            chunk.drop_vars(fixed).to_zarr(self.path, append_dim="time", zarr_format=2, consolidated=True)
+        self.set_attrs(attrs)
+
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        import zarr
+
+        zarr.open_group(self.path, mode="r+", zarr_format=2).attrs.update(attrs)
+        zarr.consolidate_metadata(self.path, zarr_format=2)
+
+
+class _NetCDFStore:
+    """netCDF cannot be appended by xarray: the whole record so far is rewritten atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write_all(self, ds: xr.Dataset) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        ds.to_netcdf(tmp)
+        os.replace(tmp, self.path)
+
+
+class Recorder:
+    """Evaluates the observers at each save point and streams the rows to the output."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        laws: LawSet,
+        observe: tuple[str, ...],
+        theta0: Tensor,
+        coords: dict[str, Any],
+        attrs: dict[str, Any],
+        out: Path | None = None,
+        flush_every: int = 256,
+        flush_seconds: float = 10.0,
+    ) -> None:
+        self.problem, self.laws, self.observe = problem, laws, observe
+        self.coords, self.attrs = coords, dict(attrs)
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self.scale = laws.magnitude(theta0).cpu().numpy()
+        self.pending: list[dict[str, Any]] = []
+        self.columns: dict[str, list[np.ndarray]] = {}
+        self.n_saved = 0
+        self.last_flush = _time.perf_counter()
+        self._sharp_vector: Tensor | None = None
+        self.zarr = self.netcdf = None
+        if out is not None:
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            self.zarr, self.netcdf = (_ZarrStore(out), None) if out.suffix == ".zarr" else (None, _NetCDFStore(out))
+
+    # ------------------------------------------------------------------ rows
+    def add(self, point: SavePoint, wall_time: float) -> bool:
+        """Observe `point`; return False (and record nothing) if θ or the loss is not finite."""
+        problem, theta = self.problem, point.theta
+        grad, loss = point.grad, point.loss
+        if grad is None:
+            loss, grad = problem.loss_and_grad(theta)
+        elif loss is None and "loss" in self.observe:
+            loss = problem.loss(theta)
+        check = theta.sum() if loss is None else loss + theta.sum()
+        if not torch.isfinite(check):
+            return False
+        vectors = [theta, grad] if point.velocity is None else [theta, grad, point.velocity]
+        forms = self.laws.value(torch.stack(vectors, dim=1))  # every law on every vector at once
+        row: dict[str, Any] = {
+            "time": point.time,
+            "step": point.step,
+            "nfe": point.nfe,
+            "wall_time": wall_time,
+            "value": forms[:, 0],
+            "grad_sq": forms[:, 1],
+        }
+        if point.velocity is not None:
+            row["velocity_sq"] = forms[:, 2]
+        if "loss" in self.observe:
+            row["loss"] = loss
+        if "grad_norm" in self.observe:
+            full = grad.add(theta, alpha=problem.weight_decay) if problem.weight_decay else grad
+            row["grad_norm"] = full.norm()
+        if "sharpness" in self.observe:
+            row["sharpness"], self._sharp_vector = sharpness(problem, theta, start=self._sharp_vector)
+        if "params" in self.observe:
+            row["params"] = theta.clone()
+        self.pending.append(row)
+        if len(self.pending) >= self.flush_every or _time.perf_counter() - self.last_flush > self.flush_seconds:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Move pending rows to host memory (one device sync) and append them to the store."""
+        if not self.pending:
+            return
+        start = self.n_saved
+        for key in self.pending[0]:
+            values = [row[key] for row in self.pending]
+            array = torch.stack(values).cpu().numpy() if isinstance(values[0], Tensor) else np.asarray(values)
+            self.columns.setdefault(key, []).append(array)
+        self.n_saved += len(self.pending)
+        self.pending = []
+        self.last_flush = _time.perf_counter()
+        if self.zarr is not None:
+            self.zarr.write(self.dataset(start, self.n_saved), self.attrs)
+        elif self.netcdf is not None:
+            self.netcdf.write_all(self.dataset())
+
+    def finish(self, status: str, message: str = "") -> xr.Dataset:
+        """Flush, stamp the final status on the store and return the whole record."""
+        self.attrs.update(status=status, status_message=message)
+        self.flush()
+        ds = self.dataset()
+        if self.zarr is not None:
+            if self.zarr.started:
+                self.zarr.set_attrs(self.attrs)
+            else:
+                ds.to_zarr(self.zarr.path, mode="w", zarr_format=2, consolidated=True)
+        elif self.netcdf is not None:
+            self.netcdf.write_all(ds)
+        return ds
+
+    # ------------------------------------------------------------------ schema
+    def dataset(self, start: int = 0, stop: int | None = None) -> xr.Dataset:
+        """Rows [start, stop) as a Dataset of the flowsim schema."""
+        stop = self.n_saved if stop is None else stop
+        cols = {k: np.concatenate(v)[start:stop] for k, v in self.columns.items()}
+        n = stop - start
+        q = self.laws.coords()
+        coords: dict[str, Any] = {
+            "time": ("time", cols.get("time", np.zeros(0)).astype(np.float64)),
+            "step": ("time", cols.get("step", np.zeros(0)).astype(np.int64)),
+            "quantity": ("quantity", np.asarray(q["quantity"], dtype=str)),
+            "law": ("quantity", np.asarray(q["law"], dtype=str)),
+            "site": ("quantity", np.asarray(q["site"], dtype=str)),
+            "component": ("quantity", np.asarray(q["component"], dtype=str)),
+            "exact": ("quantity", np.asarray(q["exact"], dtype=bool)),
+            "scale": ("quantity", self.scale),
+            **self.coords,
+        }
+        empty_q = np.zeros((n, self.laws.size))
+        data: dict[str, Any] = {
+            "value": (("time", "quantity"), cols.get("value", empty_q)),
+            "grad_sq": (("time", "quantity"), cols.get("grad_sq", empty_q)),
+        }
+        if "velocity_sq" in cols:
+            data["velocity_sq"] = (("time", "quantity"), cols["velocity_sq"])
+        for name in ("loss", "grad_norm", "sharpness"):
+            if name in self.observe:
+                data[name] = ("time", cols.get(name, np.zeros(n)))
+        data["nfe"] = ("time", cols.get("nfe", np.zeros(n)).astype(np.int64))
+        data["wall_time"] = ("time", cols.get("wall_time", np.zeros(n)).astype(np.float64))
+        if "params" in self.observe:
+            data["params"] = (("time", "parameter"), cols.get("params", np.zeros((n, self.problem.n_params))))
+            coords["tensor"] = (
+                "parameter",
+                np.repeat(np.asarray(self.problem.names, dtype=str), self.problem.sizes),
+            )
+        ds = xr.Dataset(data, coords=coords, attrs=self.attrs)
+        for name, var in ds.variables.items():
+            var.attrs.update(VARIABLES.get(name, {}))
+        return ds
+
+
+def json_attr(value: Any) -> str:
+    """A structured attribute as a JSON string (attrs hold strings and numbers only)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def open_record(path: str | os.PathLike) -> xr.Dataset:
+    """Open a record written by flowsim (zarr or netCDF), loaded into memory."""
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"run: {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".zarr":
+            return xr.open_zarr(path).load()
+        return xr.open_dataset(path).load()
+    except Exception as exc:
+        raise RecordError(f"run: {str(path)!r} is not a readable flowsim record ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,10 @@
+"""HOW the dynamics move: torchdiffeq ODE solvers and the discrete step loop."""
+
+from .base import Integrator, SaveGrid, SavePoint
+from .discrete import Discrete
+from .ode import ODE
+
+#: the integrators a config may name
+INTEGRATORS = {"ODE": ODE, "Discrete": Discrete}
+
+__all__ = ["Integrator", "SaveGrid", "SavePoint", "Discrete", "ODE", "INTEGRATORS"]

@@ -1,0 +1,48 @@
+"""The model zoo. A config names a factory as ``"<module>.<factory>"``, e.g. ``"cnn.vgg"``.
+
+Each factory builds an ``nn.Module`` from plain arguments; the arguments that describe the
+data (input size, number of outputs) are filled in from the data set when a config omits them
+(see :data:`DATA_ARGUMENTS`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from flowsim.errors import ConfigError
+
+from . import cnn, mlp
+
+#: module -> the factories it offers to configs
+ZOO: dict[str, tuple[str, ...]] = {"mlp": ("mlp",), "cnn": ("vgg",)}
+
+#: factory argument -> how it is read off the data: "features" (product of the input shape),
+#: "channels" (input shape[0]), "size" (input shape[-1]), "outputs" (classes or target size)
+DATA_ARGUMENTS = {
+    "in_features": "features",
+    "in_channels": "channels",
+    "image_size": "size",
+    "out_features": "outputs",
+    "num_classes": "outputs",
+}
+
+
+def factory(name: str) -> Callable[..., nn.Module]:
+    """The zoo factory called `name` (``"module.factory"``)."""
+    valid = [f"{m}.{f}" for m, fs in ZOO.items() for f in fs]
+    module_name, _, function = str(name).partition(".")
+    if module_name not in ZOO or function not in ZOO[module_name]:
+        raise ConfigError(f"model.name: got {name!r}; expected one of {', '.join(valid)}")
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), function)
+
+
+def parameters_of(fn: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:
+    """The keyword arguments a factory accepts."""
+    return dict(inspect.signature(fn).parameters)
+
+
+__all__ = ["ZOO", "DATA_ARGUMENTS", "factory", "parameters_of", "cnn", "mlp"]

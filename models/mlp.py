@@ -1,0 +1,44 @@
+"""Multi-layer perceptrons."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from flowsim.errors import bad_value, check_number
+
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "identity": nn.Identity, "tanh": nn.Tanh}
+
+
+def activation_layer(name: str) -> nn.Module:
+    """The activation module called `name` (relu, leaky_relu, identity, tanh)."""
+    if name not in ACTIVATIONS:
+        raise bad_value("model.activation", name, f"one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def mlp(
+    in_features: int = 64,
+    out_features: int = 10,
+    depth: int = 2,
+    width: int = 32,
+    activation: str = "relu",
+    bias: bool = True,
+) -> nn.Sequential:
+    """flatten → (fc_i → act_i) × depth → out. `depth` counts hidden layers (0: a linear model).
+
+    Layer names: ``fc1 … fc{depth}``, ``act1 …``, ``out``. tanh is offered as the
+    non-homogeneous contrast: it has no rescale symmetry.
+    """
+    depth = check_number("model.depth", depth, integer=True, minimum=0)
+    width = check_number("model.width", width, integer=True, minimum=1)
+    in_features = check_number("model.in_features", in_features, integer=True, minimum=1)
+    out_features = check_number("model.out_features", out_features, integer=True, minimum=1)
+    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+    fan_in = in_features
+    for i in range(1, depth + 1):
+        layers += [(f"fc{i}", nn.Linear(fan_in, width, bias=bias)), (f"act{i}", activation_layer(activation))]
+        fan_in = width
+    layers.append(("out", nn.Linear(fan_in, out_features, bias=bias)))
+    return nn.Sequential(OrderedDict(layers))

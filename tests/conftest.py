@@ -1,0 +1,33 @@
+"""Shared fixtures: small problems on real digits, built fresh for every test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flowsim as fs
+from flowsim import data, models
+
+
+def build_problem(model_name: str = "mlp", n: int = 64, weight_decay: float = 0.0, seed: int = 0, **model_args) -> fs.Problem:
+    """A zoo model on `n` digits, its parameters drawn from `seed`."""
+    X, y = data.digits(n_train=n, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if model_name == "mlp":
+            model = models.mlp.mlp(**{"depth": 2, "width": 8, **model_args})
+        else:
+            model = models.cnn.vgg(**{"depth": 2, "width": 4, **model_args})
+    return fs.Problem(model, (X, y), weight_decay=weight_decay)
+
+
+def relative(a, b) -> float:
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.fixture
+def gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device("cuda")
