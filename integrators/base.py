@@ -58,6 +58,9 @@ class Integrator(ABC):
                 f"({type(dynamics.default_integrator()).__name__})"
             )
 
+    def check_problem(self, dynamics, problem) -> None:
+        """Raise ConfigError if this integrator cannot run `dynamics` on `problem` (its size…)."""
+
     @abstractmethod
     def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
         """Move from θ0 at t=grid.times[0] and yield the state at every grid time."""
