@@ -15,6 +15,7 @@ from .laws import Law
 from .simulate import simulate
 from .config import load_config, run_config
 from .record import open_record
+from .compare import compare
 from . import accessor  # noqa: F401  (registers ds.flowsim)
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "load_config",
     "run_config",
     "open_record",
+    "compare",
 ]
