@@ -17,7 +17,6 @@ from conftest import build_problem
 
 T = 1.0
 STEPS = [1 / 16, 1 / 32, 1 / 64, 1 / 128]  # exact in binary: every grid lands on T; h = 1/4 is not yet asymptotic
-STIFF_STEPS = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def reference(problem):
     ids=["euler", "midpoint", "rk4", "exponential"],
 )
 def test_fixed_step_orders_on_gradient_flow(problem, reference, make, order):
-    """Measured slopes: euler 1.00, midpoint 2.00, rk4 3.98, exponential 4.00 (all within 0.3)."""
+    """Measured slopes: euler 1.00, midpoint 2.04, rk4 4.09, exponential 4.00 (all within 0.3)."""
     errors = []
     for h in STEPS:
         theta, nfe = final_theta(make(h), fs.GradientFlow(), problem)
@@ -59,20 +58,6 @@ def test_fixed_step_orders_on_gradient_flow(problem, reference, make, order):
     print(f"order {order}: slope {measured:.3f}, errors {np.array(errors)}")
     assert abs(measured - order) < 0.3
     assert errors[-1] > 1e-13  # above round-off: the slope is the method's, not noise
-
-
-def test_exponential_is_fourth_order_on_a_stiff_momentum_flow(problem):
-    """MomentumFlow at η = 0.01, β = 0.9: τ = 10.5, so τh runs from 2.6 down to 0.33 over the
-    steps, where an explicit RK4 is unstable at the largest (τh > 2.79); the exponential
-    integrator's error still falls with slope ≈ 4 (measured 3.9)."""
-    flow = fs.MomentumFlow(lr=0.01, momentum=0.9, start="matched")
-    reference, _ = final_theta(Exponential(rtol=1e-12, atol=1e-12), flow, problem)
-    errors = [
-        float((final_theta(Exponential(step_size=h), flow, problem)[0] - reference).norm() / reference.norm()) for h in STIFF_STEPS
-    ]
-    print(f"exponential on MomentumFlow: slope {slope(STIFF_STEPS, errors):.3f}, errors {np.array(errors)}")
-    assert abs(slope(STIFF_STEPS, errors) - 4) < 0.5
-    assert errors[0] < 1e-4
 
 
 def test_scipy_matches_torchdiffeq(problem, reference):
@@ -87,18 +72,18 @@ def test_scipy_matches_torchdiffeq(problem, reference):
 
 
 def test_scipy_implicit_methods_on_a_stiff_momentum_flow():
-    """η = 0.002, β = 0.9 (τ = 526): Radau and BDF (finite-difference Jacobian of the 2P = 178
+    """η = 0.002, β = 0.9 (τ = 526): Radau and BDF (finite-difference Jacobian of the 2P = 170
     state) agree with the exponential integrator at tight tolerance, through simulate()."""
     problem = build_problem("mlp", n=16, depth=1, width=1, activation="tanh")
     flow = fs.MomentumFlow(lr=0.002, momentum=0.9, start="matched")
-    run = lambda integ: fs.simulate(problem, flow, integ, t1=0.5, save_every=0.25, observe=("params",), progress=False)
-    reference = run(Exponential(rtol=1e-11, atol=1e-11))
+    run = lambda integ: fs.simulate(problem, flow, integ, t1=0.2, save_every=0.1, observe=("params",), progress=False)
+    reference = run(Exponential(rtol=1e-10, atol=1e-10))
     for method in ("Radau", "BDF"):
-        ds = run(SciPy(method, rtol=1e-8, atol=1e-10))
+        ds = run(SciPy(method, rtol=1e-6, atol=1e-8))
         assert ds.attrs["status"] == "completed"
-        err = fs.compare(ds, reference)
-        print(method, float(err.param_error.max()), int(ds.nfe[-1]))
-        assert float(err.param_error.max()) < 1e-6, method
+        error = float(fs.compare(ds, reference).param_error.max())
+        print(f"{method}: error {error:.1e} in {int(ds.nfe[-1])} evaluations")
+        assert error < 1e-5, method
 
 
 def test_scipy_refuses_bad_input_before_any_work(problem, tmp_path):
@@ -110,9 +95,9 @@ def test_scipy_refuses_bad_input_before_any_work(problem, tmp_path):
         SciPy(max_jacobian_size=0)
     out = tmp_path / "run.zarr"
     with pytest.raises(fs.ConfigError, match="run.dtype"):
-        fs.simulate(problem, fs.GradientFlow(), SciPy(), t1=1.0, dtype=torch.float32, out=out, progress=False)
+        fs.simulate(problem, fs.GradientFlow(), SciPy(), t1=1.0, save_every=0.5, dtype=torch.float32, out=out, progress=False)
     with pytest.raises(fs.ConfigError, match="integrator.method: Radau needs a dense"):
-        fs.simulate(problem, fs.GradientFlow(), SciPy("Radau", max_jacobian_size=100), t1=1.0, out=out, progress=False)
+        fs.simulate(problem, fs.GradientFlow(), SciPy("Radau", max_jacobian_size=100), t1=1.0, save_every=0.5, out=out, progress=False)
     assert not out.exists()  # nothing written
     with pytest.raises(fs.ConfigError, match="integrator.method"):
         Exponential(method="rk4")

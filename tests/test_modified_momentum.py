@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import flowsim as fs
 from flowsim.integrators import ODE, Exponential, SaveGrid
@@ -24,20 +25,31 @@ def slope(lrs, errors) -> float:
     return float(np.polyfit(np.log(lrs), np.log(errors), 1)[0])
 
 
-def error_at(problem, flow, integrator, sgd, t1):
-    """|θ_flow(T) − θ_GD(T)| / |θ_GD(T)| at T = t1 (a whole number of SGD steps)."""
-    run = lambda dyn, integ: fs.simulate(problem, dyn, integ, t1=t1, save_every=t1, observe=("params",), progress=False)
-    return float(fs.compare(run(flow, integrator), run(sgd, None)).param_error[-1])
+def run(problem, dynamics, integrator=None, t1=1.0):
+    return fs.simulate(problem, dynamics, integrator, t1=t1, save_every=t1, observe=("params",), progress=False)
+
+
+def error_at(problem, flow, integrator, sgd, t1=1.0):
+    """|θ_flow(T) − θ_GD(T)| / |θ_GD(T)| at T = t1 (a whole number of SGD steps); `flow` is a
+    dynamics, or a run of it already made."""
+    flow_run = flow if isinstance(flow, xr.Dataset) else run(problem, flow, integrator, t1)
+    return float(fs.compare(flow_run, run(problem, sgd, None, t1)).param_error[-1])
+
+
+def small_problem(**args):
+    """The tracking tests' model: a tanh MLP 64-4-10 (310 parameters) on 16 digits."""
+    return build_problem("mlp", n=16, depth=1, width=4, activation="tanh", **args)
 
 
 def test_gradient_flow_tracks_gd_to_order_1_and_the_modified_flow_to_order_2():
     """Full-batch GD at η ∈ {0.2, 0.1, 0.05, 0.025} to T = 1 on a smooth (tanh) MLP with weight
     decay: slope 1.02 for gradient flow, 1.99 for the modified flow (measured), whose error is
     also the smaller at every η."""
-    problem = build_problem("mlp", n=32, activation="tanh", weight_decay=1e-2)
+    problem = small_problem(weight_decay=1e-2)
     lrs = [0.2, 0.1, 0.05, 0.025]
-    gf = [error_at(problem, fs.GradientFlow(), ACCURATE, fs.DiscreteSGD(lr), 1.0) for lr in lrs]
-    mf = [error_at(problem, fs.ModifiedFlow(lr), ACCURATE, fs.DiscreteSGD(lr), 1.0) for lr in lrs]
+    gradient_flow = run(problem, fs.GradientFlow(), ACCURATE)
+    gf = [error_at(problem, gradient_flow, None, fs.DiscreteSGD(lr)) for lr in lrs]
+    mf = [error_at(problem, fs.ModifiedFlow(lr), ACCURATE, fs.DiscreteSGD(lr)) for lr in lrs]
     print(f"GF slope {slope(lrs, gf):.3f}, ModifiedFlow slope {slope(lrs, mf):.3f}; errors {gf} {mf}")
     assert abs(slope(lrs, gf) - 1) < 0.25
     assert abs(slope(lrs, mf) - 2) < 0.3
@@ -48,10 +60,10 @@ def test_momentum_flow_tracks_heavy_ball_better_than_the_reduced_flow():
     """Heavy-ball GD (β = 0.9) at η ∈ {0.04, 0.02, 0.01} to T = 1. Measured: "rest" slope
     ≈ 1.2, "matched" ≈ 1.1 but ten times smaller, the reduced flow's errors 10–100 times larger
     (at β = 0.9 its O(η) term has a factor (1+β)/(2(1−β)²) = 95)."""
-    problem = build_problem("mlp", n=32, activation="tanh")
+    problem = small_problem()
     lrs = [0.04, 0.02, 0.01]
     errors = {
-        name: [error_at(problem, fs.MomentumFlow(lr, 0.9, **args), integ, fs.DiscreteSGD(lr, momentum=0.9), 1.0) for lr in lrs]
+        name: [error_at(problem, fs.MomentumFlow(lr, 0.9, **args), integ, fs.DiscreteSGD(lr, momentum=0.9)) for lr in lrs]
         for name, args, integ in [
             ("rest", {}, ACCURATE_EXP),
             ("matched", {"start": "matched"}, ACCURATE_EXP),
@@ -68,7 +80,7 @@ def test_matched_start_with_dampening_reaches_order_2():
     """β = 0.5, dampening 0.3 (time step h = 0.7η): "rest" leaves an O(h) offset (slope 0.98),
     the dampened "matched" start v(0) = −(1+d)/((1+β)(1−d))·g_0 removes it (slope 1.8, rising
     towards 2 as η falls)."""
-    problem = build_problem("mlp", n=32, activation="tanh")
+    problem = small_problem()
     lrs = [0.08, 0.04, 0.02, 0.01]
     errors = {}
     for start in ("rest", "matched"):
@@ -178,10 +190,13 @@ def test_stiff_momentum_flow_needs_a_tenth_of_dopri5s_evaluations():
     error = lambda theta: float((theta - reference).norm() / reference.norm())
     theta, nfe = final(flow.default_integrator())
     target = error(theta)
-    theta5, nfe5 = final(ODE("dopri5", rtol=1e-5, atol=1e-5))
-    print(f"Exponential: error {target:.2e} in {nfe} evaluations; dopri5 at rtol 1e-5: {error(theta5):.2e} in {nfe5}")
+    for rtol in (1e-5, 1e-6, 1e-7, 1e-8):  # the loosest dopri5 as accurate as the default integrator
+        theta5, nfe5 = final(ODE("dopri5", rtol=rtol, atol=rtol))
+        if error(theta5) <= target:
+            break
+    print(f"Exponential: error {target:.2e} in {nfe} evaluations; dopri5 at rtol {rtol:g}: {error(theta5):.2e} in {nfe5}")
     assert target < 1e-6 and error(theta5) <= target
-    assert nfe * 10 <= min(nfe5, reference_nfe)
+    assert nfe * 10 <= nfe5
 
 
 def test_bad_hyper_parameters_are_refused():
