@@ -70,7 +70,9 @@ class _StepIncrements(BaseBrownian):
     def __call__(self, ta, tb=None, return_U=False, return_A=False):
         if tb is None or return_U or return_A:
             raise NotImplementedError("only increments over one step are drawn")
-        return brownian_increments(self.seed, self._shape[0], self.step, self._shape[1], float(tb - ta), self._dtype, self._device)
+        return brownian_increments(
+            self.seed, self._shape[0], self.step, self._shape[1], float(tb - ta), self._dtype, self._device
+        )
 
     def __repr__(self) -> str:
         return f"_StepIncrements(seed={self.seed}, shape={self._shape})"
@@ -130,9 +132,15 @@ class SDE(Integrator):
         size = dynamics.noise_size(problem)
         increments = _StepIncrements(seed, dynamics.paths, size, y.dtype, y.device)
         solver = _method_class(self.method)(
-            sde=ForwardSDE(sde), bm=increments, dt=self.dt, adaptive=self.adaptive,
-            rtol=self.rtol, atol=self.atol, dt_min=self.dt_min, options={},
-        )  # fmt: skip
+            sde=ForwardSDE(sde),
+            bm=increments,
+            dt=self.dt,
+            adaptive=self.adaptive,
+            rtol=self.rtol,
+            atol=self.atol,
+            dt_min=self.dt_min,
+            options={},
+        )
         k = 0
         yield SavePoint(grid.times[0], 0, 0, y)
         for interval, (t0, t1) in enumerate(zip(grid.times[:-1], grid.times[1:])):
@@ -157,4 +165,3 @@ class SDE(Integrator):
 def _interval_seed(seed: int, interval: int) -> int:
     """BrownianInterval's entropy for save interval `interval` (below 2**63)."""
     return int(np.random.SeedSequence((seed, interval)).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
