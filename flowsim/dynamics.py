@@ -335,11 +335,15 @@ def _penalised_weighted_grad(problem: Problem, theta: Tensor, weights: Tensor | 
     return total
 
 
-def _per_example_gradients(problem: Problem, theta: Tensor, chunk: int = 64) -> Tensor:
-    """J[i] = ∇_θ ℓ_i(θ) for all N examples, (N, P), by vectorised backward passes in chunks
-    (ℓ_i evaluated on the full data, so BatchNorm statistics couple the examples as they should)."""
-    jacobian = torch.func.jacrev(problem.per_example_losses, chunk_size=chunk)
-    return jacobian(theta.detach())
+def _per_example_gradients(problem: Problem, theta: Tensor) -> Tensor:
+    """J[i] = ∇_θ ℓ_i(θ) for all N examples, (N, P): each example alone (torch.func.vmap of
+    grad), or, when BatchNorm couples the examples, the Jacobian of the full-batch losses (N
+    backward passes through all N examples, vectorised in chunks)."""
+    theta = theta.detach()
+    if problem.batch_coupled:
+        return torch.func.jacrev(problem.per_example_losses, chunk_size=32)(theta)
+    one = torch.func.grad(lambda th, i: problem.per_example_losses(th, i[None])[0])
+    return torch.func.vmap(one, in_dims=(None, 0), chunk_size=256)(theta, torch.arange(problem.n_examples, device=theta.device))
 
 
 #: the dynamics a config may name
