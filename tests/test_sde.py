@@ -246,6 +246,24 @@ def test_euler_maruyama_has_weak_order_one_on_linear_regression():
     assert abs(slope(dts, second_errors) - 1) < 0.25, second_errors
 
 
+def test_adaptive_torchsde_is_replayable_and_converges_on_linear_regression():
+    """Step doubling to atol = rtol = 1e-3: the mean at T = 1 of 40 paths is within 5 Monte-Carlo
+    standard errors (plus 1e-3) of the exact mean; the same seed gives the same run."""
+    problem, Q, q = linear_regression()
+    eta, paths = 0.01, 40
+    z0 = np.r_[problem.initial_theta().numpy(), 1.0]
+    exact_mean = second_moments(hand_sde(eta, Q, q), z0)[:3, 3]
+    run = lambda: fs.simulate(  # noqa: E731
+        problem, fs.SGDNoise(lr=eta, batch_size=S, paths=paths), SDE("euler", dt=0.1, adaptive=True, rtol=1e-3, atol=1e-3),
+        t1=T, save_every=T / 2, observe=("params",), seed=0, progress=False,
+    )  # fmt: skip
+    ds = run()
+    theta = ds.params.values[-1]
+    assert (np.abs(theta.mean(0) - exact_mean) < 5 * theta.std(0) / paths**0.5 + 1e-3).all()
+    assert ds.nfe.values[-1] > 3 * 10  # it refined the 0.1 steps
+    np.testing.assert_array_equal(run().params.values, ds.params.values)
+
+
 def test_sgd_moments_match_the_sde_to_first_and_second_order_in_eta():
     """Exact moments of SGD (independent batches) at T = 1 against the exact moments of SGDNoise's
     own SDE: error O(η) with the gradient drift, O(η²) with the modified drift."""
