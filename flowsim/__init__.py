@@ -10,7 +10,7 @@ from . import errors
 from .errors import ConfigError, DataError, FlowsimError, IntegrationError, ModelError, RecordError
 from . import data, laws, models, integrators  # noqa: E402  (models/integrators need errors first)
 from .problem import Problem
-from .dynamics import DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow
+from .dynamics import DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
 from .laws import Law
 from .simulate import simulate
 from .config import load_config, run_config
@@ -36,6 +36,7 @@ __all__ = [
     "DiscreteSGD",
     "ModifiedFlow",
     "MomentumFlow",
+    "SGDNoise",
     "Law",
     "simulate",
     "load_config",
