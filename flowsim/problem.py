@@ -258,9 +258,10 @@ class Problem:
         applied to it in one pass (forward, backward with graph, double backward).
 
         Double backward measured faster than forward-over-reverse (``torch.func.jvp`` of the
-        gradient, which needs ĝ first and so one more pass): 3.0× vs 5.0× a gradient on an MLP
-        64-128-128-10, 3.4× vs 4.3× on a VGG CNN (BENCHMARKS.md, "ModifiedFlow's Hessian-vector
-        product"). A chunked problem takes two passes: the gradient, then H v chunk by chunk."""
+        gradient, which needs ĝ first and so one more pass): 2.3× vs 2.7× a gradient on an MLP
+        64-128-128-10 on all digits (``benchmarks/hessian_vector.py``; BENCHMARKS.md,
+        "ModifiedFlow's Hessian-vector product"). A chunked problem takes two passes: the
+        gradient, then H v chunk by chunk."""
         if self.chunk_size is not None and self.chunk_size < self.n_examples:
             loss, grad = self.loss_and_grad(theta)
             direction = grad.add(theta, alpha=shift) if shift else grad
