@@ -30,10 +30,11 @@ def run(problem, dynamics, integrator=None, t1=1.0):
 
 
 def error_at(problem, flow, integrator, sgd, t1=1.0):
-    """|θ_flow(T) − θ_GD(T)| / |θ_GD(T)| at T = t1 (a whole number of SGD steps); `flow` is a
-    dynamics, or a run of it already made."""
+    """|θ_flow(T) − θ_GD(T)| / |θ_GD(T)| at T = t1 (a whole number of SGD steps); `flow` and
+    `sgd` are dynamics, or runs of them already made."""
     flow_run = flow if isinstance(flow, xr.Dataset) else run(problem, flow, integrator, t1)
-    return float(fs.compare(flow_run, run(problem, sgd, None, t1)).param_error[-1])
+    sgd_run = sgd if isinstance(sgd, xr.Dataset) else run(problem, sgd, None, t1)
+    return float(fs.compare(flow_run, sgd_run).param_error[-1])
 
 
 def small_problem(**args):
@@ -63,8 +64,9 @@ def test_momentum_flow_tracks_heavy_ball_better_than_the_reduced_flow():
     factor (1+β)/(2(1−β)²) = 95, so these η are outside its range)."""
     problem = small_problem()
     lrs = [0.04, 0.02, 0.01]
+    heavy_ball = [run(problem, fs.DiscreteSGD(lr, momentum=0.9)) for lr in lrs]
     errors = {
-        name: [error_at(problem, fs.MomentumFlow(lr, 0.9, **args), integ, fs.DiscreteSGD(lr, momentum=0.9)) for lr in lrs]
+        name: [error_at(problem, fs.MomentumFlow(lr, 0.9, **args), integ, hb) for lr, hb in zip(lrs, heavy_ball)]
         for name, args, integ in [
             ("rest", {}, ACCURATE_EXP),
             ("matched", {"start": "matched"}, ACCURATE_EXP),
@@ -191,7 +193,7 @@ def test_stiff_momentum_flow_needs_a_tenth_of_dopri5s_evaluations():
     error = lambda theta: float((theta - reference).norm() / reference.norm())
     theta, nfe = final(flow.default_integrator())
     target = error(theta)
-    for rtol in (1e-5, 1e-6, 1e-7, 1e-8):  # the loosest dopri5 as accurate as the default integrator
+    for rtol in (1e-6, 1e-7, 1e-8):  # the loosest dopri5 as accurate (1e-5 is not: measured 4.8e-7)
         theta5, nfe5 = final(ODE("dopri5", rtol=rtol, atol=rtol))
         if error(theta5) <= target:
             break
