@@ -21,7 +21,7 @@ Writes tracking_{mlp,cnn}.nc, work_precision_{mlp,cnn}.nc, tracking.png, work_pr
 and results.md (the table in STUDIES.md) under DIR (default out/integrator_accuracy). A model
 whose two .nc files are already there is read back, not recomputed (unless --recompute), so a
 stopped run loses only the model it was on. ``--quick``: 32 examples and fewer tolerances
-(the MLP part took about 1.5 CPU-minutes); the full mode uses 512 examples.
+(about 2.5 CPU-minutes: MLP 1.5, CNN 1); the full mode uses 512 examples.
 """
 
 from __future__ import annotations
