@@ -198,7 +198,10 @@ def simulate(
     coords = {**dynamics.coords(), "weight_decay": problem.weight_decay, "seed": seed}
     if overwrite and out_path is not None:
         remove_output(out_path)
-    recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, out_path, n_rows=len(grid.times), seed=seed)
+    members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
+    recorder = Recorder(
+        problem, law_set, observe, theta0, coords, attrs, out_path, members=members, n_rows=len(grid.times), seed=seed
+    )
     run = _Checkpointer(out_path, identity, recorder, checkpoint_every, start)
     if start is not None:
         recorder.restore(_saved_rows(out_path, start.n_saved), start.recorder)

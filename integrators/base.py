@@ -48,6 +48,8 @@ class SavePoint:
     the velocity that moves it, `loss` the full-data loss at θ; each is None when the
     integrator does not have it for free (the recorder then computes what it needs).
     `step` counts the integrator's steps so far, `nfe` its evaluations of the dynamics.
+    For a dynamics with ``members = (dim, K)`` (SGDNoise's paths) θ, grad, velocity and loss
+    carry a leading batch dimension of K independent members: θ is (K, P).
     `checkpoint` is the integrator's state after this point (see the module docstring)."""
 
     time: float

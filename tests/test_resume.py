@@ -2,6 +2,7 @@
 divergence. A resumed run equals the uninterrupted one, wall_time aside (it counts seconds)."""
 
 import multiprocessing
+import os
 import random
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import flowsim as fs
 from flowsim import record
 from flowsim.checkpoint import checkpoint_path
 from flowsim.cli import main
-from flowsim.integrators import ODE
+from flowsim.integrators import ODE, SDE, FusedEulerMaruyama
 
 from conftest import build_problem
 from test_errors import GOOD
@@ -30,7 +31,11 @@ def case(name: str):
     if name == "sgd":  # mini-batches (4 per epoch) and momentum
         return problem, fs.DiscreteSGD(lr=0.1, batch_size=16, momentum=0.9), None, {"t1": 1.2, "save_every": 0.1}
     if name == "gf":
-        return problem, fs.GradientFlow(), ODE("dopri5", rtol=1e-6, atol=1e-8), {"t1": 1.2, "save_every": 0.1}
+        return problem, fs.GradientFlow(), ODE("dopri5", rtol=1e-4, atol=1e-6), {"t1": 0.6, "save_every": 0.05}
+    if name == "sde":  # two Brownian paths, two fused Euler–Maruyama steps per save interval
+        return problem, fs.SGDNoise(lr=0.1, batch_size=16, paths=2), FusedEulerMaruyama(dt=0.05), {"t1": 1.2, "save_every": 0.1}
+    if name == "torchsde":
+        return problem, fs.SGDNoise(lr=0.1, batch_size=16, paths=2), SDE("euler", dt=0.05), {"t1": 0.6, "save_every": 0.1}
     raise ValueError(name)
 
 
@@ -41,6 +46,7 @@ def run(name: str, **kwargs) -> xr.Dataset:
 
 def run_in_child(name: str, out: str) -> None:
     """The body of a process that gets killed: a run checkpointed at every save point."""
+    torch.set_num_threads(1)
     run(name, out=out, checkpoint_every=0)
 
 
@@ -62,13 +68,21 @@ def interrupt_at(monkeypatch, n: int) -> None:
     monkeypatch.setattr(record.Recorder, "add", add)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many times faster on one thread, the more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def references():
-    return {name: run(name) for name in ("sgd", "gf")}
+def references(one_thread):
+    return {name: run(name) for name in ("sgd", "gf", "sde")}
 
 
-@pytest.mark.parametrize("name", ["sgd", "gf"])
-@pytest.mark.parametrize("suffix", [".zarr", ".nc"])
+@pytest.mark.parametrize("name, suffix", [("sgd", ".zarr"), ("sgd", ".nc"), ("gf", ".zarr"), ("gf", ".nc"), ("sde", ".zarr")])
 def test_ctrl_c_saves_everything_and_resume_is_bit_for_bit(name, suffix, references, tmp_path, monkeypatch):
     out = tmp_path / f"run{suffix}"
     interrupt_at(monkeypatch, 6)
@@ -76,7 +90,8 @@ def test_ctrl_c_saves_everything_and_resume_is_bit_for_bit(name, suffix, referen
         run(name, out=out, checkpoint_every=1000.0)  # no periodic checkpoint: the one at Ctrl-C
     monkeypatch.undo()
     stopped = fs.open_record(out)
-    assert stopped.attrs["status"] == "interrupted" and "t=0.4" in stopped.attrs["status_message"]
+    assert stopped.attrs["status"] == "interrupted"
+    assert f"after t={float(references[name].time[4]):g};" in stopped.attrs["status_message"]
     same(stopped, references[name].isel(time=slice(0, 5)).assign_attrs(stopped.attrs))  # every point up to Ctrl-C
     assert checkpoint_path(out).exists()
     resumed = run(name, out=out, resume=True)
@@ -104,14 +119,27 @@ def test_fixed_grid_and_adams_resume_bit_for_bit(method, options, tmp_path, monk
         same(fs.simulate(problem, fs.GradientFlow(), integrator, out=tmp_path / "r.zarr", resume=True, **kwargs), reference)
 
 
+def test_torchsde_resume_replays_the_same_brownian_path(tmp_path, monkeypatch):
+    """torchsde's Euler–Maruyama stopped at its 4th save point and resumed: the same paths,
+    bit for bit, as the uninterrupted run (its increments are a function of (seed, path, step))."""
+    reference = run("torchsde")
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run("torchsde", out=tmp_path / "s.zarr")
+    monkeypatch.undo()
+    assert fs.open_record(tmp_path / "s.zarr").sizes["time"] == 3
+    same(run("torchsde", out=tmp_path / "s.zarr", resume=True), reference)
+
+
 def test_sigkill_at_20_random_moments(references, tmp_path):
     """Runs checkpointed at every save point, killed with SIGKILL at 20 random moments (from
     before the store exists to after the run ended): every store opens with plain xarray, its
-    rows are the reference's, and every resume gives the uninterrupted run."""
-    ctx = multiprocessing.get_context("forkserver")  # one interpreter imports torch; each run forks from it
-    ctx.set_forkserver_preload(["test_resume"])
+    rows are the reference's, and every resume gives the uninterrupted run: bit for bit for
+    DiscreteSGD (mini-batches, momentum) and dopri5 (its whole Runge–Kutta state is in the
+    checkpoint), and the same Brownian paths for the SDE."""
+    ctx = multiprocessing.get_context("fork")  # no start-up: a kill lands in the run, not in imports
     durations = {}
-    for name in ("sgd", "gf"):
+    for name in ("sgd", "gf", "sde"):
         child = ctx.Process(target=run_in_child, args=(name, str(tmp_path / f"full-{name}.zarr")))
         began = time.perf_counter()
         child.start()
@@ -122,7 +150,7 @@ def test_sigkill_at_20_random_moments(references, tmp_path):
     rng = random.Random(20)
     landed = {"before the store": 0, "mid-run": 0, "after the end": 0}
     for i in range(20):
-        name = ("sgd", "gf")[i % 2]
+        name = ("sgd", "gf", "sde")[i % 3]
         reference, total = references[name], references[name].sizes["time"]
         out = tmp_path / f"killed-{i}.zarr"
         child = ctx.Process(target=run_in_child, args=(name, str(out)))
@@ -215,7 +243,7 @@ def test_cli_ctrl_c_exits_130_and_resume_completes(tmp_path):
     (tmp_path / "resume.toml").write_text(every_row.replace("checkpoint_every = 0.0", "checkpoint_every = 60.0"))
     out = tmp_path / "run.zarr"
     command = [sys.executable, "-m", "flowsim.cli", "run", str(tmp_path / "run.toml"), "--out", str(out)]
-    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while (not out.exists() or fs.open_record(out).sizes["time"] < 3) and time.monotonic() < deadline:
         time.sleep(0.1)  # the live store is readable while it is written
