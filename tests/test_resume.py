@@ -4,6 +4,7 @@ divergence. A resumed run equals the uninterrupted one, wall_time aside (it coun
 import multiprocessing
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -263,11 +264,12 @@ def test_cli_ctrl_c_exits_130_and_resume_completes(tmp_path):
 def test_same_run_twice_is_the_same_dataset():
     """Same arguments, seed, device and dtype: identical Datasets, sharpness (power iteration
     from a seeded vector) and parameters included."""
-    for name in ("sgd", "gf"):
-        a, b = (run(name, observe=("loss", "grad_norm", "sharpness", "params"), seed=5) for _ in range(2))
-        same(a, b)
-    c = run("sgd", observe=("loss",), seed=6)
-    assert not np.array_equal(c.loss.values, a.loss.values)  # the seed does choose the batches
+    runs = {}
+    for name in ("sgd", "gf", "sde"):
+        runs[name], again = (run(name, observe=("loss", "grad_norm", "sharpness", "params"), seed=5) for _ in range(2))
+        same(runs[name], again)
+    for name in ("sgd", "sde"):  # the seed does choose the batches and the Brownian paths
+        assert not np.array_equal(run(name, observe=("loss",), seed=6).loss.values, runs[name].loss.values)
 
 
 def test_a_diverging_run_keeps_every_point_before_it(tmp_path):
@@ -297,3 +299,24 @@ def test_max_steps_ends_the_run_as_diverged_with_when_and_why():
     assert ds.attrs["status"] == "diverged" and ds.sizes["time"] >= 1
     assert "integrator.max_steps = 25 steps taken by t=" in ds.attrs["status_message"]
     assert int(ds.step[-1]) <= 25
+
+
+def test_step_size_underflow_ends_the_run_as_diverged_with_when_and_why(monkeypatch):
+    """The flow turns NaN after t = 0.25: dopri5 rejects every step there until its step size
+    collapses; the run is "diverged", says where the solver stopped and why, and keeps every
+    save point before it, equal to the run that was never broken."""
+    reference = run("gf")
+    derivative = fs.GradientFlow.derivative
+
+    def broken(self, problem, t, y):
+        return derivative(self, problem, t, y) * (torch.nan if float(t) > 0.25 else 1.0)
+
+    monkeypatch.setattr(fs.GradientFlow, "derivative", broken)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        ds = run("gf")
+    message = ds.attrs["status_message"]
+    assert ds.attrs["status"] == "diverged" and "underflow in dt" in message, message
+    stopped = float(re.search(r"torchdiffeq stopped at t=([0-9.e-]+), before the save time t=0.25", message)[1])
+    assert 0.2 < stopped <= 0.25 and message.endswith("(last saved t=0.2)"), message
+    assert ds.sizes["time"] == 5
+    same(ds, reference.isel(time=slice(0, 5)).assign_attrs(ds.attrs))
