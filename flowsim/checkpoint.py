@@ -21,6 +21,7 @@ or "diverged"); an "interrupted", "failed" or killed run keeps it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -85,8 +86,12 @@ def save(path: Path, checkpoint: Checkpoint) -> None:
     """Write `checkpoint` atomically: a temporary file, fsync, then rename over `path`."""
     tmp = path.with_name(path.name + ".tmp")
     payload = {**asdict(checkpoint), "format": FORMAT, "fingerprint": json.dumps(checkpoint.fingerprint, sort_keys=True)}
+    # serialised in memory first: a Ctrl-C inside torch.save must not leave its zip writer
+    # bound to a file that gets closed (it writes to it when collected, and aborts the process)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with open(tmp, "wb") as f:
-        torch.save(payload, f)
+        f.write(buffer.getbuffer())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
