@@ -1,6 +1,7 @@
 """Stops and resumes: Ctrl-C, SIGKILL at random moments, failures; checkpoints; determinism;
 divergence. A resumed run equals the uninterrupted one, wall_time aside (it counts seconds)."""
 
+import functools
 import multiprocessing
 import os
 import random
@@ -26,9 +27,15 @@ from conftest import build_problem
 from test_errors import GOOD
 
 
+@functools.cache
+def small_problem() -> fs.Problem:
+    """Built once: simulate works on its own copy (Problem.to), never on this one."""
+    return build_problem("mlp", n=64, weight_decay=1e-3, depth=1, width=8)
+
+
 def case(name: str):
     """(problem, dynamics, integrator, simulate keywords) of a small run with many save points."""
-    problem = build_problem("mlp", n=64, weight_decay=1e-3, depth=1, width=8)
+    problem = small_problem()
     if name == "sgd":  # mini-batches (4 per epoch) and momentum
         return problem, fs.DiscreteSGD(lr=0.1, batch_size=16, momentum=0.9), None, {"t1": 1.2, "save_every": 0.1}
     if name == "gf":
@@ -152,7 +159,7 @@ def test_sigkill_at_20_random_moments(references, tmp_path):
     landed = {"before the store": 0, "mid-run": 0, "after the end": 0}
     for i in range(20):
         name = ("sgd", "gf", "sde")[i % 3]
-        reference, total = references[name], references[name].sizes["time"]
+        reference = references[name]
         out = tmp_path / f"killed-{i}.zarr"
         child = ctx.Process(target=run_in_child, args=(name, str(out)))
         child.start()
@@ -176,7 +183,7 @@ def test_sigkill_at_20_random_moments(references, tmp_path):
             resumed = run(name, out=out)
         same(resumed, reference)
         same(fs.open_record(out), reference)
-        assert fs.open_record(out).sizes["time"] == total and not checkpoint_path(out).exists()
+        assert not checkpoint_path(out).exists()
     assert landed["mid-run"] >= 5, landed
 
 
