@@ -535,14 +535,19 @@ class _Graph:
         contracted, passed = (-1, -2) if position == 0 else (-2, -1)
         along_contracted = not _constant_along(units, (contracted,))
         along_passed = not _constant_along(units, (passed,))
-        if along_contracted and not along_passed:
+        if along_contracted and along_passed:
+            raise _Stop(f"{user.name}: units on both multiplied axes")
+        # units on neither (one unit per head): a contracted axis of length 1 pairs them, a passed
+        # axis of length 1 carries them through
+        length = {axis: units.shape[axis] for axis in (contracted, passed)}
+        if along_contracted or (not along_passed and length[contracted] == 1 < length[passed]):
             pairs = units.select(passed, 0)
             return [_Contract(user, "query" if position == 0 else "key", pairs, flow)]
-        if along_passed and not along_contracted:
+        if along_passed or length[passed] == 1 < length[contracted]:
             kept = units.narrow(contracted, 0, 1)
             blocks = _refine(flow.blocks, kept.movedim(passed, -1))
             return self.walk(user, replace(flow, units=torch.broadcast_to(kept, out), blocks=blocks, mixed=True))
-        raise _Stop(f"{user.name}: units on both or neither of the multiplied axes")
+        raise _Stop(f"{user.name}: units on neither multiplied axis")
 
     def attention(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow, positions: list) -> list:
         """F.scaled_dot_product_attention(q, k, v, ...): q and k contracted on their last axis,
