@@ -38,12 +38,17 @@ counted in n_known. Every exact detected law is checked to be orthogonal to the 
 that is not is named in a warning and the count is not complete. At a degenerate θ (a ReLU
 unit off for every input) the count is too high; the random inputs are centred with at least
 unit spread to make that unlikely, and `seed` picks another point.
+
+LayerNorm and BatchNorm are evaluated by their formula, (x − mean) / √(var + eps) · γ + β,
+not by torch's fused kernels: the forward-mode derivative of the fused kernels' backward is
+wrong at third order (torch 2.x), which would make brackets of depth ≥ 3 wrong.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -131,6 +136,9 @@ def _functional(model: nn.Module, generator: torch.Generator) -> tuple[Callable[
     names = tuple(n for n, _ in named)
     sizes = tuple(p.numel() for _, p in named)
     net, _, _ = _flat_network(net, names, sizes)
+    for module in net.modules():
+        if isinstance(module, (nn.LayerNorm, _NormBase)):
+            module.forward = types.MethodType(_explicit_norm, module)
     layout = [(n, p.shape) for n, p in named]
     theta = torch.cat(
         [torch.randn(p.numel(), generator=generator, dtype=torch.float64) * max(float(p.detach().square().mean().sqrt()), 0.1) for _, p in named]
@@ -141,6 +149,22 @@ def _functional(model: nn.Module, generator: torch.Generator) -> tuple[Callable[
         return functional_call(net, params, (x,))
 
     return f, layout, theta
+
+
+def _explicit_norm(self: nn.Module, x: Tensor) -> Tensor:
+    """(x − mean) / √(var + eps) · γ + β over the normalised axes (the last ones for a
+    LayerNorm; all but the channel axis 1 for a BatchNorm, batch statistics), op by op."""
+    if isinstance(self, nn.LayerNorm):
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        shape = self.normalized_shape
+    else:
+        dims = (0, *range(2, x.ndim))
+        shape = (-1, *(1,) * (x.ndim - 2))
+    centred = x - x.mean(dims, keepdim=True)
+    out = centred / (centred.square().mean(dims, keepdim=True) + self.eps).sqrt()
+    if self.weight is not None:
+        out = out * self.weight.reshape(shape)
+    return out if self.bias is None else out + self.bias.reshape(shape)
 
 
 def _random_inputs(inputs: Tensor, n: int, batch: int, generator: torch.Generator) -> Tensor:
