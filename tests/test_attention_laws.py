@@ -16,6 +16,15 @@ from flowsim.laws import gradient_check
 from flowsim.models.resnet import ResidualBlock, ResidualMLPBlock
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: on a shared machine torch's threads only contend (10× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def kinds(laws):
     return [(law.kind, law.site, law.size) for law in laws]
 
@@ -238,14 +247,31 @@ def test_count_finds_what_detection_misses_and_gives_bounds_for_large_models():
     assert bounds.complete is None
 
 
-def test_attention_laws_conserved_under_gradient_flow():
-    """dopri5 at rtol=atol=1e-10, float64, to t=1: every attention law within 1e-7 relative."""
-    X, y = data.sequences(n=16, length=4, vocab=4, task="regression")
+FLOWS = {
+    "attention.layer": (lambda: models.attention.layer(d_model=4, heads=2, bias=True), "mse", {"attention_qk", "attention_vo", "rescale", "translation"}),
+    "attention.transformer": (
+        lambda: models.attention.transformer(vocab=4, length=4, width=4, hidden=4, num_classes=4, activation="identity"),
+        "cross_entropy",
+        {"attention_qk", "attention_vo", "rescale", "linear", "translation"},
+    ),
+    "resnet.residual_mlp": (lambda: models.resnet.residual_mlp(in_features=16, width=4, hidden=3, activation="identity"), "cross_entropy", {"rescale", "linear", "translation"}),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_laws_conserved_under_gradient_flow(name):
+    """dopri5 at rtol=atol=1e-10, float64, to t=1: every law within 1e-7 relative. Linear
+    activations (ReLU flows are non-smooth and crawl at this tolerance: README)."""
+    build, loss, expected = FLOWS[name]
+    if name.startswith("attention"):
+        X, y = data.sequences(n=16, length=4, vocab=4, task="regression" if loss == "mse" else "classification")
+    else:
+        X, y = DIGITS[0].flatten(1)[:, ::4], DIGITS[1]
     torch.manual_seed(0)
-    problem = fs.Problem(models.attention.layer(d_model=4, heads=2, bias=True), (X, y), loss="mse")
+    problem = fs.Problem(build(), (X, y), loss=loss)
     ds = fs.simulate(problem, fs.GradientFlow(), ODE("dopri5", rtol=1e-10, atol=1e-10), t1=1.0, save_every=1.0, dtype=torch.float64, progress=False)
-    assert ds.attrs["status"] == "completed" and float(ds.loss[-1]) < 0.9 * float(ds.loss[0])
-    assert set(ds.law.values) == {"attention_qk", "attention_vo", "rescale", "translation"}
+    assert ds.attrs["status"] == "completed" and float(ds.loss[-1]) < 0.95 * float(ds.loss[0])
+    assert set(ds.law.values) == expected
     assert float(abs(ds.flowsim.drift()).max()) < 1e-7
 
 
