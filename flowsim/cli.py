@@ -1,4 +1,4 @@
-"""The command line: ``flowsim run | info | plot | compare``.
+"""The command line: ``flowsim run | info | plot | compare | laws``.
 
 Exit status: 0 done, 2 bad input (one line naming the field), 3 the run diverged,
 130 interrupted (Ctrl-C: the run is saved and checkpointed; ``flowsim run --resume`` goes on).
@@ -88,6 +88,29 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _laws(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .laws import count, detect
+
+    problem = load_config(args.config).problem
+    laws = detect(problem.model, loss=problem.loss_kind, inputs=problem.X[:2])
+    width = max([len(law.site) for law in laws] + [4])
+    print(f"{'site':<{width}}  {'kind':<12}  components  exact")
+    for law in laws:
+        print(f"{law.site:<{width}}  {law.kind:<12}  {law.size:>10}  {'yes' if law.exact else f'no (eps {law.eps:g})'}")
+    if args.no_count:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the note below says it
+        result = count(problem.model, problem.X, loss=problem.loss_kind, laws=laws, seed=args.seed, max_params=args.max_params)
+    laws_found = "not computed" if result.n_laws is None else result.n_laws
+    print(f"parameters  {result.n_params}")
+    print(f"laws        {laws_found} (D − dim Lie(W)(θ); first-order bound {result.first_order_bound}, rank gap {result.gap:.1e})")
+    print(f"known       {result.n_known} (rank of the detected exact laws)")
+    print(f"complete    {result.complete}" + (f" ({result.note})" if result.note else ""))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsim", description="Neural-network training as a dynamical system.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +134,12 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--join", choices=("exact", "inner"), default="exact", help="inner: only the times both saved")
     comp.add_argument("-o", "--output", help="write the errors as a netCDF file (.nc)")
     comp.set_defaults(func=_compare)
+    laws = sub.add_parser("laws", help="the laws of a config's model: site, kind, components, and their count")
+    laws.add_argument("config")
+    laws.add_argument("--no-count", action="store_true", help="skip the count of all laws (Lie algebra rank)")
+    laws.add_argument("--seed", type=int, default=0, help="random point and fields of the count")
+    laws.add_argument("--max-params", type=int, default=1000, help="largest model the count computes brackets for")
+    laws.set_defaults(func=_laws)
     return p
 
 

@@ -90,7 +90,7 @@ def _law_set(laws: str | Sequence[Law], problem: Problem) -> LawSet:
     if isinstance(laws, str):
         if laws != "auto":
             raise ConfigError(f"run.laws: got {laws!r}; expected 'auto' or a list of flowsim Law objects")
-        laws = detect(problem.model, loss=problem.loss_kind)
+        laws = detect(problem.model, loss=problem.loss_kind, inputs=problem.X[:2])
     if not isinstance(laws, Sequence):
         raise bad_value("run.laws", laws, "'auto' or a list of flowsim Law objects")
     laws = list(laws)
@@ -99,7 +99,7 @@ def _law_set(laws: str | Sequence[Law], problem: Problem) -> LawSet:
             raise ConfigError(f"run.laws: got an item of type {type(law).__name__}; expected flowsim.Law")
     try:
         return LawSet(laws, problem.names, problem.shapes)
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, ValueError) as exc:
         raise ModelError(f"run.laws: cannot be evaluated on this model's parameters ({exc})") from exc
 
 
