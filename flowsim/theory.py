@@ -164,6 +164,8 @@ def error(ds: xr.Dataset, relative_to: str = "range") -> xr.DataArray:
         raise RecordError("theory: the record has no `theory` variable; call flowsim.theory.predict(ds) first")
     if relative_to not in ("range", "value"):
         raise bad_value("theory.relative_to", relative_to, "'range' or 'value'")
+    if "scale" not in ds.coords:
+        raise RecordError("theory: the record has no `scale` coord (the magnitude of each law at t = 0)")
     value, scale = ds["value"], ds["scale"]
     gap = abs(ds["theory"] - value)
     if relative_to == "value":

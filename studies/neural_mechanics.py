@@ -107,14 +107,18 @@ def figure(records: dict[tuple[bool, float], xr.Dataset], path: Path) -> None:
             ax = axes[row, col]
             ds = fs.theory.predict(records[batch_norm, beta], "continuous")
             laws = ds.where(ds.law == kind, drop=True)
-            if kind == "rescale":  # the first pair of conv layers, as the paper shows one pair
-                laws = laws.where(laws.site == laws.site.values[0], drop=True)
+            if kind == "translation":  # the 10 largest column sums
+                laws = laws.isel(quantity=np.argsort(-abs(laws.value.values[0]))[:10])
+            else:  # one layer (scale: the second conv) or one pair of layers (rescale: the first), as the paper
+                sites = list(dict.fromkeys(laws.site.values.tolist()))
+                laws = laws.where(laws.site == sites[min(1, len(sites) - 1) if kind == "scale" else 0], drop=True)
             t = ds.time.values
             ax.set_prop_cycle(color=plt.cm.viridis(np.linspace(0, 0.9, laws.sizes["quantity"])))
-            ax.plot(t, laws.value.values, lw=1.0)
-            ax.plot(t, laws.theory.values, "k--", lw=0.7)
+            ax.plot(t, laws.value.values, lw=1.6, alpha=0.8)
+            ax.plot(t, laws.theory.values, "k--", lw=0.8)
             ax.plot([], [], "k--", lw=0.7, label="theory (continuous)")
-            ax.set_title(f"{kind}: {title}\n{'BN' if batch_norm else 'no BN'}, β={beta:g}, η={float(ds.lr):g}", fontsize=8)
+            where = f"{laws.site.values[0]}, " if kind != "translation" else ""
+            ax.set_title(f"{kind}: {title}\n{where}{'BN' if batch_norm else 'no BN'}, β={beta:g}, η={float(ds.lr):g}", fontsize=8)
             ax.set_xlabel("t = k·η", fontsize=8)
             ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"Neural mechanics on digits: VGG-style CNN, SGD, batch {BATCH}, λ = {FIGURE_DECAY:g}, float32", fontsize=10)

@@ -137,8 +137,10 @@ def test_continuous_predictions_are_finite_over_10k_float32_steps_at_beta_099(he
 
 # ---------------------------------------------------------------------------- continuous
 def test_continuous_sgd_within_2_percent_of_range():
-    """A CNN with BatchNorm (PyTorch's eps), η = 0.05, λ = 0.04, batch 16, 500 steps (λt = 1)."""
-    ds = run_sgd("cnn", lr=0.05, lam=0.04, steps=500, batch_norm=True)
+    """A CNN with BatchNorm, η = 0.05, λ = 0.04, batch 16, 500 steps (λt = 1); measured 0.2%.
+    BatchNorm's eps = 1e-12: at PyTorch's 1e-5 the scale laws drift from every prediction,
+    the exact discrete one included, by 1.7% of their range here (eps/Var grows as λ shrinks θ)."""
+    ds = run_sgd("cnn", lr=0.05, lam=0.04, steps=500, batch_norm=True, bn_eps=1e-12)
     for rate in ("modified", "leading"):
         errors = max_error(predict(ds, "continuous", rate=rate))
         assert max(errors.values()) < 0.02, (rate, errors)
