@@ -14,7 +14,7 @@ error of each against the measured laws, relative to each component's range over
 symmetry at order eps/Var; twins at eps = 1e-12 (λ = 1e-3, every β) isolate the error eps adds.
 
     python studies/neural_mechanics.py [--out out/neural_mechanics] [--decays 0 1e-3] [--momenta 0 0.9]
-                                       [--only plain|bn] [--quick] [--overwrite]
+                                       [--only plain|bn] [--quick] [--overwrite] [--table-only]
 
 Writes one record per run (``<name>.zarr``, reused when complete unless --overwrite), the
 table (``table.md``, also printed) and the figure ``neural_mechanics.png``: classifier column
@@ -23,7 +23,7 @@ consecutive layers' squared channel norms (rescale), with the continuous predict
 The full grid is 27 runs, 124,000 steps: about 40 minutes at the ~18 ms a step of a busy
 2-core machine. ``--decays``/``--momenta``/``--only`` run part of it (the table and figure then
 cover what was run); since complete records are reused, parts can run in parallel and a last
-call with the union writes the combined table. ``--quick``: a fifth of the steps.
+call with ``--table-only`` writes the combined table of every complete record. ``--quick``: a fifth of the steps.
 """
 
 from __future__ import annotations
@@ -52,8 +52,11 @@ DEFAULT_EPS, EXACT_EPS = 1e-5, 1e-12
 FIGURE_DECAY = 1e-3
 
 
-def run(out: Path, batch_norm: bool, lam: float, beta: float, eps: float, quick: bool, overwrite: bool) -> xr.Dataset:
-    """One training run, every step recorded (reused from `out` when complete)."""
+def run(
+    out: Path, batch_norm: bool, lam: float, beta: float, eps: float, quick: bool, overwrite: bool, table_only: bool = False
+) -> xr.Dataset | None:
+    """One training run, every step recorded (reused from `out` when complete; None if it is
+    not and `table_only`)."""
     lr, steps = MOMENTA[beta]
     steps = steps // 5 if quick else steps
     name = f"{'bn' if batch_norm else 'plain'}_eps{eps:g}_wd{lam:g}_m{beta:g}" if batch_norm else f"plain_wd{lam:g}_m{beta:g}"
@@ -62,6 +65,8 @@ def run(out: Path, batch_norm: bool, lam: float, beta: float, eps: float, quick:
         ds = fs.open_record(path)
         if ds.attrs.get("status") == "completed" and int(ds.step[-1]) == steps:
             return ds
+    if table_only:
+        return None
     X, y = data.digits()
     torch.manual_seed(SEED)  # the same initial CNN for every setting
     model = models.cnn.vgg(depth=DEPTH, width=WIDTH, batch_norm=batch_norm, bn_eps=eps)
@@ -143,16 +148,26 @@ def figure(records: dict[tuple[bool, float], xr.Dataset], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(out: Path, decays: tuple[float, ...], momenta: tuple[float, ...], norms: tuple[bool, ...], quick: bool, overwrite: bool) -> None:
+def main(
+    out: Path,
+    decays: tuple[float, ...],
+    momenta: tuple[float, ...],
+    norms: tuple[bool, ...],
+    quick: bool,
+    overwrite: bool,
+    table_only: bool,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     rows, eps_rows, figure_records = [], [], {}
     for batch_norm, beta, lam in itertools.product(norms, momenta, decays):
-        ds = run(out, batch_norm, lam, beta, DEFAULT_EPS, quick, overwrite)
+        ds = run(out, batch_norm, lam, beta, DEFAULT_EPS, quick, overwrite, table_only)
+        if ds is None:
+            continue
         rows.append((label(ds, batch_norm, DEFAULT_EPS), errors(ds)))
         if lam == FIGURE_DECAY:
             figure_records[batch_norm, beta] = ds
-            exact = run(out, True, lam, beta, EXACT_EPS, quick, overwrite) if batch_norm else None
+            exact = run(out, True, lam, beta, EXACT_EPS, quick, overwrite, table_only) if batch_norm else None
             if exact is not None:
                 eps_rows.append((label(ds, True, DEFAULT_EPS), errors(ds), label(exact, True, EXACT_EPS), errors(exact)))
     text = "Maximum error of each prediction over the run and the law components (float32):\n\n" + table(rows)
@@ -175,6 +190,7 @@ if __name__ == "__main__":
     parser.add_argument("--only", choices=("plain", "bn"), help="only the CNN without (plain) or with BatchNorm (bn)")
     parser.add_argument("--quick", action="store_true", help="a fifth of the steps")
     parser.add_argument("--overwrite", action="store_true", help="rerun every setting even if its record is complete")
+    parser.add_argument("--table-only", action="store_true", help="no runs: table and figure from the complete records in --out")
     args = parser.parse_args()
     norms = {"plain": (False,), "bn": (True,), None: (False, True)}[args.only]
-    main(args.out, tuple(args.decays), tuple(args.momenta), norms, args.quick, args.overwrite)
+    main(args.out, tuple(args.decays), tuple(args.momenta), norms, args.quick, args.overwrite, args.table_only)
