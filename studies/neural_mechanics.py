@@ -78,7 +78,7 @@ def run(
     )
 
 
-def errors(ds: xr.Dataset) -> dict[str, float]:
+def errors(ds: xr.Dataset) -> dict[str, float | str]:
     """Largest error of each prediction kind over time and components. "continuous − discrete"
     compares the continuous solution with the exact recursion instead of the measurement: the
     modelling error alone, free of the float32 round-off both share against the record."""
@@ -90,8 +90,11 @@ def errors(ds: xr.Dataset) -> dict[str, float]:
     rates = ("modified",) if float(ds.momentum) else ("modified", "leading")
     for rate in rates:
         continuous = fs.theory.predict(ds, "continuous", rate=rate)
-        out[f"continuous {rate} / range"] = float(fs.theory.error(continuous).max())
+        e = fs.theory.error(continuous)
+        out[f"continuous {rate} / range"] = float(e.max())
         if rate == "modified":
+            kinds = dict.fromkeys(ds.law.values.tolist())
+            out["continuous modified / range, per law"] = ", ".join(f"{k} {float(e.where(ds.law == k).max()):.1e}" for k in kinds)
             exact = continuous.assign(value=discrete.theory.astype(ds.value.dtype))
             out["continuous − discrete / range"] = float(fs.theory.error(exact).max())
     return out
@@ -103,15 +106,20 @@ COLUMNS = (
     "continuous modified / range",
     "continuous leading / range",
     "continuous − discrete / range",
+    "continuous modified / range, per law",
 )
 
 
-def table(rows: list[tuple[str, dict[str, float]]]) -> str:
+def table(rows: list[tuple[str, dict[str, float | str]]]) -> str:
     head = "| setting | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
     for label, e in rows:
-        lines.append(f"| {label} | " + " | ".join(f"{e[c]:.1e}" if c in e else "—" for c in COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(e.get(c, "—")) for c in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def _cell(x: float | str) -> str:
+    return f"{x:.1e}" if isinstance(x, float) else x
 
 
 def label(ds: xr.Dataset, batch_norm: bool, eps: float) -> str:
