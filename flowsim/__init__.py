@@ -11,7 +11,7 @@ from .errors import ConfigError, DataError, FlowsimError, IntegrationError, Mode
 from . import data, laws, models, integrators  # noqa: E402  (models/integrators need errors first)
 from . import theory
 from .problem import Problem
-from .dynamics import DiscreteSGD, GradientFlow
+from .dynamics import DiscreteSGD, GradientFlow, SGDNoise
 from .laws import Law
 from .simulate import simulate
 from .config import load_config, run_config
@@ -35,6 +35,7 @@ __all__ = [
     "Problem",
     "GradientFlow",
     "DiscreteSGD",
+    "SGDNoise",
     "Law",
     "simulate",
     "load_config",

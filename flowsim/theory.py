@@ -304,8 +304,14 @@ def _read_run(ds: xr.Dataset, kind: str) -> _Run:
     """The dynamics, hyper-parameters and grid of one run's record, checked for `kind`."""
     if not isinstance(ds, xr.Dataset):
         raise bad_value("theory.ds", type(ds).__name__, "an xarray.Dataset recorded by flowsim", RecordError)
-    if "value" not in ds or ds["value"].dims != ("time", "quantity") or "law" not in ds.coords:
+    if "value" not in ds or "law" not in ds.coords:
         raise RecordError("theory: the record needs a `value` variable on (time, quantity) and a `law` coord")
+    members = [d for d in ds["value"].dims if d not in ("time", "quantity")]
+    if members:
+        raise RecordError(
+            f"theory: the record has members along {members[0]!r}; predict one member at a time "
+            f"(ds.isel({members[0]}=i))"
+        )
     if ds.sizes["time"] == 0:
         raise RecordError("theory: the record has no save points")
     try:

@@ -1,10 +1,15 @@
-"""HOW the dynamics move: torchdiffeq ODE solvers and the discrete step loop."""
+"""HOW the dynamics move: torchdiffeq ODE solvers, the discrete step loop, and the SGD-noise SDE
+(torchsde, and a fused Euler–Maruyama)."""
 
 from .base import Integrator, SaveGrid, SavePoint
 from .discrete import Discrete
 from .ode import ODE
+from .fused import FusedEulerMaruyama
+from .sde import SDE
 
 #: the integrators a config may name
 INTEGRATORS = {"ODE": ODE, "Discrete": Discrete}
+INTEGRATORS.update(SDE=SDE, FusedEulerMaruyama=FusedEulerMaruyama)
 
 __all__ = ["Integrator", "SaveGrid", "SavePoint", "Discrete", "ODE", "INTEGRATORS"]
+__all__ += ["SDE", "FusedEulerMaruyama"]
