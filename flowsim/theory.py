@@ -309,8 +309,7 @@ def _read_run(ds: xr.Dataset, kind: str) -> _Run:
     members = [d for d in ds["value"].dims if d not in ("time", "quantity")]
     if members:
         raise RecordError(
-            f"theory: the record has members along {members[0]!r}; predict one member at a time "
-            f"(ds.isel({members[0]}=i))"
+            f"theory: the record has members along {members[0]!r}; predict one member at a time (ds.isel({members[0]}=i))"
         )
     if ds.sizes["time"] == 0:
         raise RecordError("theory: the record has no save points")

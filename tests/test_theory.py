@@ -239,6 +239,8 @@ def test_unsupported_records_are_refused(short_records):
         predict(sgd.assign_attrs(dynamics="not json"))
     with pytest.raises(fs.RecordError, match="`weight_decay` coord"):
         predict(sgd.drop_vars("weight_decay"))
+    with pytest.raises(fs.RecordError, match="members along 'path'; predict one member at a time"):
+        predict(sgd.assign(value=sgd.value.expand_dims(path=2, axis=1)))
     with pytest.raises(fs.RecordError, match="one run at a time"):
         predict(sgd.assign_coords(lr=("run", [0.1, 0.2])))
     with pytest.raises(fs.ConfigError, match="theory.kind"):
