@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from . import errors
 from .errors import ConfigError, DataError, FlowsimError, IntegrationError, ModelError, RecordError
 from . import data, laws, models, integrators  # noqa: E402  (models/integrators need errors first)
+from . import theory
 from .problem import Problem
 from .dynamics import DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
 from .laws import Law
@@ -29,6 +30,7 @@ __all__ = [
     "RecordError",
     "data",
     "laws",
+    "theory",
     "models",
     "integrators",
     "Problem",

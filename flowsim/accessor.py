@@ -60,7 +60,8 @@ class FlowsimAccessor:
 
     def plot(self, path=None):
         """Loss and each law kind's relative drift over time, one panel each; saved to `path`
-        if given. Returns the matplotlib Figure."""
+        if given. A ``theory`` variable (``flowsim.theory.predict``) is drawn over the drift as
+        dashed lines, (theory − Q(0)) / scale. Returns the matplotlib Figure."""
         import matplotlib
 
         if path is not None:
@@ -90,6 +91,11 @@ class FlowsimAccessor:
             else:
                 ax.plot(t, d.values, lw=0.6, alpha=0.5)
                 ax.plot(t, abs(d).max("quantity").values, color="k", lw=1.5, label="max |drift|")
+            if "theory" in ds:
+                scale = ds["scale"].where(ds["scale"] > 0, 1.0)
+                predicted = ((ds["theory"] - ds["value"].isel(time=0)) / scale).where(ds["law"] == panel, drop=True)
+                lines = ax.plot(t, predicted.values, "--", color="0.2", lw=0.8)
+                lines[0].set_label(f"theory ({ds['theory'].attrs.get('prediction', '')})")
             ax.set_ylabel(f"{panel}\nrel. drift")
             ax.legend(loc="best", fontsize=7)
         axes[-1, 0].set_xlabel(f"time ({ds['time'].attrs.get('units', '')})")

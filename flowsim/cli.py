@@ -69,6 +69,10 @@ def _plot(args: argparse.Namespace) -> int:
     from .record import open_record
 
     ds = open_record(args.run)
+    if args.theory:
+        from .theory import predict
+
+        ds = predict(ds, args.theory)
     ds.flowsim.plot(args.output)
     print(f"wrote {args.output}")
     return 0
@@ -124,9 +128,12 @@ def parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarise a record: dynamics, status, drift per law kind")
     info.add_argument("run")
     info.set_defaults(func=_info)
-    plot = sub.add_parser("plot", help="plot loss and each law kind's relative drift")
+    plot = sub.add_parser("plot", help="plot loss and each law kind's relative drift (a `theory` variable dashed)")
     plot.add_argument("run")
     plot.add_argument("-o", "--output", required=True, help="figure path (.png, .pdf, …)")
+    plot.add_argument(
+        "--theory", choices=("discrete", "continuous"), help="overlay this prediction (flowsim.theory.predict), dashed"
+    )
     plot.set_defaults(func=_plot)
     comp = sub.add_parser("compare", help="errors of run A against run B at matched times (laws, loss, params)")
     comp.add_argument("a")

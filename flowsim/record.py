@@ -41,6 +41,7 @@ VARIABLES: dict[str, dict[str, str]] = {
         "long_name": "law form of the gradient that moves θ, Q(ĝ) (|g_A|², |g_A1|² − |g_A2|², Σ g_A)",
     },
     "velocity_sq": {"long_name": "law form of the velocity that moves θ, Q(v)"},
+    "theory": {"long_name": "prediction of the law component from the recorded companions (flowsim.theory)"},
     "loss": {"long_name": "data loss L(θ) on the full data, without the weight-decay penalty"},
     "grad_norm": {"long_name": "norm of the gradient that moves θ, |ĝ + λθ|"},
     "sharpness": {"long_name": "largest Hessian eigenvalue of the data loss (power iteration)"},
