@@ -3,8 +3,9 @@
 from .base import Integrator, SaveGrid, SavePoint
 from .discrete import Discrete
 from .ode import ODE
+from .rk import RK
 
 #: the integrators a config may name
-INTEGRATORS = {"ODE": ODE, "Discrete": Discrete}
+INTEGRATORS = {"ODE": ODE, "Discrete": Discrete, "RK": RK}
 
-__all__ = ["Integrator", "SaveGrid", "SavePoint", "Discrete", "ODE", "INTEGRATORS"]
+__all__ = ["Integrator", "SaveGrid", "SavePoint", "Discrete", "ODE", "RK", "INTEGRATORS"]

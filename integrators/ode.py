@@ -37,6 +37,18 @@ class _VectorField(torch.nn.Module):
         self.accepted += 1
 
 
+def warn_low_precision(rtol: float, dtype: torch.dtype, stacklevel: int) -> None:
+    """Warn when float32 cannot honour `rtol` (below about 1e-6)."""
+    if dtype == torch.float32 and rtol < 1e-6:
+        import warnings
+
+        warnings.warn(
+            f"integrator.rtol={rtol:g} is below what float32 can honour (about 1e-6); "
+            "use dtype=torch.float64 for accuracy work",
+            stacklevel=stacklevel,
+        )
+
+
 @dataclass(frozen=True)
 class ODE(Integrator):
     """torchdiffeq's ``method`` on a continuous dynamics.
@@ -75,14 +87,8 @@ class ODE(Integrator):
 
     def check(self, dynamics, dtype: torch.dtype) -> None:
         super().check(dynamics, dtype)
-        if self.adaptive and dtype == torch.float32 and self.rtol < 1e-6:
-            import warnings
-
-            warnings.warn(
-                f"integrator.rtol={self.rtol:g} is below what float32 can honour (about 1e-6); "
-                "use dtype=torch.float64 for accuracy work",
-                stacklevel=3,
-            )
+        if self.adaptive:
+            warn_low_precision(self.rtol, dtype, stacklevel=4)
 
     def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
         f = _VectorField(dynamics, problem)
