@@ -220,13 +220,15 @@ class RK(Integrator):
 
 
 def vector_field(dynamics, problem, compile: bool = False) -> Callable[[float, Tensor, Tensor], None]:
-    """f(t, y, out): out ← y'(t) = dynamics.derivative(problem, t, y)."""
+    """f(t, y, out): out ← y'(t) = dynamics.derivative(problem, t, y). The time goes in as one
+    0-d float64 tensor refilled at each call (no allocation on the solver's side)."""
     derivative = dynamics.derivative
     if compile:
         derivative = _compiled(derivative)
+    time = torch.zeros((), dtype=torch.float64)
 
     def f(t: float, y: Tensor, out: Tensor) -> None:
-        out.copy_(derivative(problem, torch.tensor(t, dtype=torch.float64), y))
+        out.copy_(derivative(problem, time.fill_(t), y))
 
     return f
 
@@ -361,6 +363,9 @@ class _AdaptiveLoop(_Loop):
         self.b_error = torch.tensor(tab.b_error, **like)
         self.error = torch.empty_like(y0)
         self.scale = torch.empty_like(y0)
+        # the tolerances and the norm as 0-d tensors: a Python scalar in a tensor op allocates one
+        self.rtol, self.atol = torch.tensor(integrator.rtol, **like), torch.tensor(integrator.atol, **like)
+        self.norm = torch.empty((), **like)
         # dense output weights: y(t0 + x h) = y0 + h Kᵀ (x e_0 + x² w2 + x³ w3 + x⁴ w4)
         e0, f1, b, m = torch.zeros(4, s.stages.shape[0], dtype=torch.float64)
         e0[0], f1[self.f1_row] = 1.0, 1.0
@@ -420,10 +425,11 @@ class _AdaptiveLoop(_Loop):
         torch.abs(s.y0, out=self.scale)
         torch.abs(s.y1, out=self.error)
         torch.maximum(self.scale, self.error, out=self.scale)
-        self.scale.mul_(self.integrator.rtol).add_(self.integrator.atol)
+        torch.addcmul(self.atol, self.scale, self.rtol, out=self.scale)
         torch.mv(s.stages[: tab.stages].T, self.b_error, out=self.error)
         self.error.div_(self.scale)
-        return abs(h) * math.sqrt(float(torch.dot(self.error, self.error)) / self.error.numel())
+        torch.linalg.vector_norm(self.error, out=self.norm)
+        return abs(h) * self.norm.item() / math.sqrt(self.error.numel())
 
     def _next_step_size(self, h: float, ratio: float) -> float:
         """torchdiffeq's ``_optimal_step_size`` in floats."""
