@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 import warnings
 
 import pytest
@@ -228,6 +229,31 @@ def test_compile_failure_falls_back_with_a_warning(smooth, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         f(0.0, theta0, out)  # warned once, then uncompiled without a word
+
+
+def test_compile_switch(smooth, monkeypatch):
+    """compile=False never calls torch.compile; compile=True wraps the dynamics' derivative once
+    (here in a stand-in compiler that returns it unchanged) and gives the same solve."""
+    problem, theta0 = smooth
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    off = list(RK("dopri5", rtol=1e-6, atol=1e-6).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    assert compiled == []
+    on = list(RK("dopri5", rtol=1e-6, atol=1e-6, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    assert [(fn.__func__, fn.__self__) for fn in compiled] == [(fs.GradientFlow.derivative, fs.GradientFlow())]
+    assert [(p.step, p.nfe) for p in on] == [(p.step, p.nfe) for p in off] and torch.equal(on[-1].theta, off[-1].theta)
+
+
+@pytest.mark.skipif(not os.environ.get("FLOWSIM_TEST_COMPILE"), reason="torch.compile takes tens of seconds on CPU: FLOWSIM_TEST_COMPILE=1")
+def test_compiled_vector_field_equals_eager(smooth):
+    """The real torch.compile: the same steps, and states to 1e-12 relative."""
+    problem, theta0 = smooth
+    eager = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: it really compiled
+        compiled = list(RK("dopri5", rtol=1e-8, atol=1e-8, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    assert [(p.step, p.nfe) for p in compiled] == [(p.step, p.nfe) for p in eager]
+    assert relative(compiled[-1].theta, eager[-1].theta) < 1e-12
 
 
 @pytest.mark.gpu
