@@ -10,7 +10,7 @@ from . import errors
 from .errors import ConfigError, DataError, FlowsimError, IntegrationError, ModelError, RecordError
 from . import data, laws, models, integrators  # noqa: E402  (models/integrators need errors first)
 from .problem import Problem
-from .dynamics import DiscreteSGD, GradientFlow
+from .dynamics import DiscreteSGD, GradientFlow, SGDNoise
 from .laws import Law
 from .simulate import simulate
 from .config import load_config, run_config
@@ -33,6 +33,7 @@ __all__ = [
     "Problem",
     "GradientFlow",
     "DiscreteSGD",
+    "SGDNoise",
     "Law",
     "simulate",
     "load_config",

@@ -21,8 +21,30 @@ class FlowsimAccessor:
         drift = (ds["value"] - ds["value"].isel(time=0)) / scale
         return drift.assign_attrs(long_name="relative drift (Q(t) − Q(0)) / scale")
 
+    def members(self) -> tuple[str, ...]:
+        """The dimensions over independent members of the run (``("path",)`` for SDE paths)."""
+        return tuple(d for d in self._obj["value"].dims if d not in ("time", "quantity"))
+
+    def band(self, variable: str | xr.DataArray) -> xr.Dataset:
+        """`mean`, `std`, `low` and `high` (5% and 95% quantiles) of a variable across the
+        members (paths); a run without members gives the variable itself as all four."""
+        da = self._obj[variable] if isinstance(variable, str) else variable
+        dims = [d for d in self.members() if d in da.dims]
+        if not dims:
+            return xr.Dataset({"mean": da, "std": xr.zeros_like(da), "low": da, "high": da})
+        quantiles = da.quantile([0.05, 0.95], dim=dims)
+        return xr.Dataset(
+            {
+                "mean": da.mean(dims),
+                "std": da.std(dims),
+                "low": quantiles.sel(quantile=0.05, drop=True),
+                "high": quantiles.sel(quantile=0.95, drop=True),
+            }
+        )
+
     def summary(self) -> xr.Dataset:
-        """Per law kind: the number of components and the largest |relative drift| over the run."""
+        """Per law kind: the number of components and the largest |relative drift| over the run
+        (over time, components and members)."""
         ds = self._obj
         drift = abs(self.drift())
         kinds = list(dict.fromkeys(ds["law"].values.tolist()))
@@ -51,15 +73,23 @@ class FlowsimAccessor:
         fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2.2 * len(panels)), sharex=True, squeeze=False)
         t = ds["time"].values
         drift = self.drift()
+        members = self.members()
         for ax, panel in zip(axes[:, 0], panels):
             if panel == "loss":
-                ax.plot(t, ds["loss"].values, color="k")
+                if members:
+                    self._plot_band(ax, t, self.band("loss"), f"mean, 5–95% over {ds.sizes[members[0]]} {members[0]}s")
+                else:
+                    ax.plot(t, ds["loss"].values, color="k")
                 ax.set_yscale("log")
                 ax.set_ylabel("loss")
                 continue
             d = drift.where(ds["law"] == panel, drop=True)
-            ax.plot(t, d.values, lw=0.6, alpha=0.5)
-            ax.plot(t, abs(d).max("quantity").values, color="k", lw=1.5, label="max |drift|")
+            if members:
+                ax.plot(t, d.mean(members).values, lw=0.6, alpha=0.5)
+                self._plot_band(ax, t, self.band(abs(d).max("quantity")), "max |drift|: mean, 5–95%")
+            else:
+                ax.plot(t, d.values, lw=0.6, alpha=0.5)
+                ax.plot(t, abs(d).max("quantity").values, color="k", lw=1.5, label="max |drift|")
             ax.set_ylabel(f"{panel}\nrel. drift")
             ax.legend(loc="best", fontsize=7)
         axes[-1, 0].set_xlabel(f"time ({ds['time'].attrs.get('units', '')})")
@@ -68,3 +98,9 @@ class FlowsimAccessor:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
+
+    @staticmethod
+    def _plot_band(ax, t, band: xr.Dataset, label: str) -> None:
+        ax.fill_between(t, band["low"].values, band["high"].values, color="k", alpha=0.15, lw=0)
+        ax.plot(t, band["mean"].values, color="k", lw=1.5, label=label)
+        ax.legend(loc="best", fontsize=7)

@@ -47,7 +47,14 @@ def _info(args: argparse.Namespace) -> int:
         print(
             f"time        {float(ds.time[0]):g} … {float(ds.time[-1]):g} ({ds.sizes['time']} save points, {int(ds.nfe[-1])} evaluations)"
         )
-    if "loss" in ds and ds.sizes.get("time", 0):
+    members = ds.flowsim.members() if "value" in ds else ()
+    for dim in members:
+        print(f"{dim + 's':<11} {ds.sizes[dim]} (loss: mean ± sd across them)")
+    if "loss" in ds and ds.sizes.get("time", 0) and members:
+        band = ds.flowsim.band("loss")
+        first, last = (f"{float(band['mean'][i]):.6g} ± {float(band['std'][i]):.2g}" for i in (0, -1))
+        print(f"loss        {first} → {last}")
+    elif "loss" in ds and ds.sizes.get("time", 0):
         print(f"loss        {float(ds.loss[0]):.6g} → {float(ds.loss[-1]):.6g}")
     if ds.sizes.get("quantity", 0) and ds.sizes.get("time", 0):
         summary = ds.flowsim.summary()

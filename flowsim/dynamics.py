@@ -8,6 +8,7 @@ with λ the problem's weight decay, and g = ĝ + λθ with ĝ the data-loss grad
 | GradientFlow  | θ' = −g(θ)                                                           |
 | DiscreteSGD   | v ← βv + (1−d)(ĝ_B + λθ)  (v ← ĝ_B + λθ on the first step);           |
 |               | θ ← θ − η v  (Nesterov: θ ← θ − η(ĝ_B + λθ + βv)); PyTorch's SGD     |
+| SGDNoise      | dθ = b dt + √η G dW, G Gᵀ = (c/S) Cov_i[∇ℓ_i], b = −g or −∇L̃         |
 
 A continuous dynamics gives an ODE integrator ``initial_state``, ``derivative`` and ``split``
 (state → θ and velocity); a discrete one gives the step loop ``initial_state`` and ``step``.
@@ -16,6 +17,7 @@ A continuous dynamics gives an ODE integrator ``initial_state``, ``derivative`` 
 from __future__ import annotations
 
 import functools
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, check_number
+from .errors import ConfigError, bad_value, check_number
 from .problem import Problem
 
 
@@ -109,17 +111,26 @@ class StepResult:
     full_batch: bool
 
 
+#: how DiscreteSGD draws its batches: reshuffled each epoch (a DataLoader), or afresh every step
+SAMPLINGS = ("epoch", "independent")
+
+
 @dataclass(frozen=True)
 class DiscreteSGD(Dynamics):
     """PyTorch's ``torch.optim.SGD`` (weight decay from the problem), mini-batches drawn
     without replacement each epoch in a seeded order (the last batch of an epoch may be
-    smaller, as with a DataLoader); ``batch_size=None`` is full-batch gradient descent."""
+    smaller, as with a DataLoader); ``batch_size=None`` is full-batch gradient descent.
+
+    ``sampling="independent"`` draws every step's batch afresh: S distinct examples, uniformly,
+    independently of the other steps. That is the SGD the SGD-noise SDE (``SGDNoise``) models;
+    epoch reshuffling ("epoch", the default) has far less noise over an epoch."""
 
     lr: float
     batch_size: int | None = None
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+    sampling: str = "epoch"
     continuous: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -134,6 +145,8 @@ class DiscreteSGD(Dynamics):
             raise ConfigError(f"dynamics.nesterov: got {self.nesterov!r}; expected true or false")
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ConfigError("dynamics.nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
+        if self.sampling not in SAMPLINGS:
+            raise bad_value("dynamics.sampling", self.sampling, f"one of {', '.join(SAMPLINGS)}")
 
     @property
     def time_step(self) -> float:
@@ -162,10 +175,14 @@ class DiscreteSGD(Dynamics):
 
     def batch(self, problem: Problem, k: int, seed: int) -> Tensor | None:
         """Example indices of step k: epoch e = k // batches_per_epoch is a permutation drawn
-        from seed (seed, e), so the batch of any step is known without replaying the run."""
+        from seed (seed, e), so the batch of any step is known without replaying the run
+        (``sampling="independent"``: S distinct examples drawn from seed (seed, k))."""
         n = problem.n_examples
         if self.batch_size is None or self.batch_size >= n:
             return None
+        if self.sampling == "independent":
+            chosen = np.random.default_rng([seed, k]).choice(n, self.batch_size, replace=False)
+            return torch.as_tensor(chosen, device=problem.device)
         per_epoch = -(-n // self.batch_size)
         epoch, j = divmod(k, per_epoch)
         return _epoch_order(n, seed, epoch, problem.device)[j * self.batch_size : (j + 1) * self.batch_size]
@@ -193,5 +210,142 @@ def _epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
     return torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(n), device=device)
 
 
+#: the drifts and noises SGDNoise offers
+DRIFTS = ("gradient", "modified")
+NOISES = ("exact", "diagonal")
+
+
+@dataclass(frozen=True)
+class SGDNoise(Dynamics):
+    """The SGD-noise SDE (stochastic modified equation, Li, Tai & E 2017), in time t = k·η:
+
+        dθ = b(θ) dt + √η G(θ) dW,    G Gᵀ = Σ = (c/S) Cov_i[∇ℓ_i],  c = (N − S)/(N − 1)
+
+    the covariance of one step of SGD with batches of S distinct examples drawn uniformly and
+    independently each step (``DiscreteSGD(sampling="independent")``). Weight decay is drift.
+
+    - ``drift="gradient"``: b = −∇L_λ (weak order 1 in η);
+      ``"modified"``: b = −∇L̃, L̃ = L_λ + (η/4)|∇L_λ|², so b = −g − (η/2) H_λ g (weak order 2).
+    - ``noise="exact"``: G = √(c/(S·N)) [∇ℓ_i − ∇L]_{i=1..N} (P × N) with W an N-dimensional
+      Brownian motion. G is never formed: G w = √(c/(S·N)) ∇_θ Σ_i (w_i − w̄) ℓ_i(θ), one
+      backward pass. It lies in the span of the per-example gradients, so it respects every
+      symmetry of the loss. ``"diagonal"``: G = diag(√Σ_pp) with W P-dimensional; it breaks
+      the symmetries and exists to show the difference.
+    - ``paths``: independent paths from the same θ0, recorded along a ``path`` dimension.
+
+    The default integrator is ``FusedEulerMaruyama(dt=lr)``: with the gradient drift its step is
+    θ − η g + η G ξ, Gaussian SGD.
+    """
+
+    lr: float
+    batch_size: int
+    drift: str = "gradient"
+    noise: str = "exact"
+    paths: int = 1
+    continuous: ClassVar[bool] = True
+    #: the integrators that run it: ``runs = "sde"``
+    kind: ClassVar[str] = "sde"
+
+    def __post_init__(self) -> None:
+        check_number("dynamics.lr", self.lr, minimum=0.0, exclusive_minimum=True)
+        check_number("dynamics.batch_size", self.batch_size, integer=True, minimum=1)
+        check_number("dynamics.paths", self.paths, integer=True, minimum=1)
+        if self.drift not in DRIFTS:
+            raise bad_value("dynamics.drift", self.drift, f"one of {', '.join(DRIFTS)}")
+        if self.noise not in NOISES:
+            raise bad_value("dynamics.noise", self.noise, f"one of {', '.join(NOISES)}")
+
+    @property
+    def members(self) -> tuple[str, int]:
+        """The record's leading dimension over independent runs: ("path", paths)."""
+        return ("path", self.paths)
+
+    def coords(self) -> dict[str, float | int | str]:
+        return {**super().coords(), "drift": self.drift, "noise": self.noise}
+
+    def check(self, problem: Problem) -> None:
+        if self.batch_size > problem.n_examples:
+            raise ConfigError(
+                f"dynamics.batch_size: got {self.batch_size}; expected at most the {problem.n_examples} examples of the data"
+            )
+
+    def default_integrator(self):
+        from flowsim.integrators import FusedEulerMaruyama
+
+        return FusedEulerMaruyama(dt=self.lr)
+
+    # ------------------------------------------------------------------ the SDE, one path θ (P,)
+    def noise_size(self, problem: Problem) -> int:
+        """Dimension of W: N (exact) or P (diagonal)."""
+        return problem.n_examples if self.noise == "exact" else problem.n_params
+
+    def covariance_factor(self, problem: Problem) -> float:
+        """c/S with c = (N − S)/(N − 1) (0 for full batches): Σ = (c/S) Cov_i[∇ℓ_i]."""
+        n, s = problem.n_examples, self.batch_size
+        return 0.0 if s >= n else (n - s) / ((n - 1) * s)
+
+    def drift_at(self, problem: Problem, theta: Tensor) -> Tensor:
+        """b(θ): −∇L_λ, or −∇L̃ = −g − (η/2) H_λ g for the modified drift."""
+        if self.drift == "gradient":
+            _, grad = problem.loss_and_grad(theta)
+            return grad.add(theta, alpha=problem.weight_decay).neg_()
+        return _penalised_weighted_grad(problem, theta, None, self.lr / 4).neg_()
+
+    def diffusion(self, problem: Problem, theta: Tensor, w: Tensor) -> Tensor:
+        """√η G(θ) w: exact, √(η c/(S N)) ∇_θ Σ_i (w_i − w̄) ℓ_i (one backward pass); diagonal,
+        √(η Σ_pp) w_p from the per-example gradients."""
+        if self.noise == "exact":
+            scale = math.sqrt(self.lr * self.covariance_factor(problem) / problem.n_examples)
+            return problem.weighted_grad(theta, w - w.mean()).mul_(scale)
+        variance = _per_example_gradients(problem, theta).var(0, correction=0)
+        return (self.lr * self.covariance_factor(problem) * variance).sqrt_().mul_(w)
+
+    def euler_maruyama_step(self, problem: Problem, theta: Tensor, dt: float, dw: Tensor) -> Tensor:
+        """θ + b(θ) Δt + √η G(θ) ΔW. With exact noise drift and noise are one backward pass:
+
+            θ + ∇_θ Σ_i a_i ℓ_i − Δt λ θ  [− Δt (η/4) ∇_θ |∇L_λ|²  for the modified drift],
+            a_i = −Δt/N + √(η c/(S N)) (ΔW_i − mean ΔW)
+
+        the cost of one full-data gradient (plus a double backward for the modified drift)."""
+        if self.noise == "diagonal":
+            return theta + self.drift_at(problem, theta) * dt + self.diffusion(problem, theta, dw)
+        n = problem.n_examples
+        a = (dw - dw.mean()).mul_(math.sqrt(self.lr * self.covariance_factor(problem) / n)).sub_(dt / n)
+        if self.drift == "gradient":
+            step = problem.weighted_grad(theta, a)
+        else:
+            step = _penalised_weighted_grad(problem, theta, a, -dt * self.lr / 4)
+        return step.add_(theta, alpha=1.0 - dt * problem.weight_decay)
+
+
+def _penalised_weighted_grad(problem: Problem, theta: Tensor, weights: Tensor | None, beta: float) -> Tensor:
+    """∇_θ [Σ_i w_i ℓ_i + β |∇L_λ|²] = Σ_i w_i ∇ℓ_i + 2β H_λ g by one forward and a double
+    backward; weights None means L_λ itself (w_i = 1/N plus the penalty gradient λθ), so
+    β = η/4 gives ∇L̃ of the modified flow."""
+    with torch.enable_grad():
+        leaf = theta.detach().requires_grad_(True)
+        losses = problem.per_example_losses(leaf)
+        (grad,) = torch.autograd.grad(losses.mean(), leaf, create_graph=True)
+        grad = grad + problem.weight_decay * leaf
+        if weights is None:
+            objective = losses.mean() + 0.5 * problem.weight_decay * leaf.square().sum() + beta * grad.square().sum()
+        else:
+            objective = losses @ weights + beta * grad.square().sum()
+        (total,) = torch.autograd.grad(objective, leaf)
+    return total
+
+
+def _per_example_gradients(problem: Problem, theta: Tensor) -> Tensor:
+    """J[i] = ∇_θ ℓ_i(θ) for all N examples, (N, P): each example alone (torch.func.vmap of
+    grad), or, when BatchNorm couples the examples, the Jacobian of the full-batch losses (N
+    backward passes through all N examples, vectorised in chunks)."""
+    theta = theta.detach()
+    if problem.batch_coupled:
+        return torch.func.jacrev(problem.per_example_losses, chunk_size=32)(theta)
+    one = torch.func.grad(lambda th, i: problem.per_example_losses(th, i[None])[0])
+    return torch.func.vmap(one, in_dims=(None, 0), chunk_size=256)(theta, torch.arange(problem.n_examples, device=theta.device))
+
+
 #: the dynamics a config may name
 DYNAMICS: dict[str, type[Dynamics]] = {"GradientFlow": GradientFlow, "DiscreteSGD": DiscreteSGD}
+DYNAMICS["SGDNoise"] = SGDNoise

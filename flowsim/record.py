@@ -6,6 +6,10 @@ The schema (DESIGN §6): dims ``time`` and ``quantity`` (one entry per law compo
 ``time``, ``step`` (time) and ``law``, ``site``, ``component``, ``exact``, ``scale``
 (quantity); hyper-parameters that vary between runs as scalar coords. Attrs hold strings and
 numbers only; structured ones are JSON.
+
+A run of many independent members (the paths of an SDE, later an ensemble) carries θ as a
+(K, P) batch: every per-θ variable gains that dimension after ``time`` (``value`` (time, path,
+quantity), ``loss`` (time, path), …); ``time``, ``step``, ``nfe`` and ``wall_time`` stay shared.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ VARIABLES: dict[str, dict[str, str]] = {
     "dampening": {"long_name": "momentum dampening d"},
     "weight_decay": {"long_name": "weight decay λ"},
     "seed": {"long_name": "seed of batch order and noise"},
+    "path": {"long_name": "independent path of the SDE (its noise is seeded by seed, path and step)"},
+    "paths": {"long_name": "number of independent SDE paths"},
+    "drift": {"long_name": "drift of the SGD-noise SDE (gradient or modified)"},
+    "noise": {"long_name": "noise of the SGD-noise SDE (exact or diagonal)"},
 }
 
 
@@ -94,6 +102,17 @@ def sharpness(problem: Problem, theta: Tensor, iterations: int = 20, start: Tens
         eig = hv @ v
         v = hv / hv.norm().clamp_min(torch.finfo(theta.dtype).tiny)
     return eig, v
+
+
+def _each(fn, theta: Tensor, *others: Tensor | None):
+    """fn(θ, *others) for one θ (P,), or stacked over the members of a (K, P) batch (others are
+    matched row by row; None stays None)."""
+    if theta.ndim == 1:
+        return fn(theta, *others)
+    rows = [fn(t, *(None if o is None else o[i] for o in others)) for i, t in enumerate(theta)]
+    if isinstance(rows[0], tuple):
+        return tuple(torch.stack(column) for column in zip(*rows))
+    return torch.stack(rows)
 
 
 class _ZarrStore:
@@ -143,11 +162,14 @@ class Recorder:
         out: Path | None = None,
         flush_every: int = 256,
         flush_seconds: float = 10.0,
+        members: tuple[str, int] | None = None,
     ) -> None:
         self.problem, self.laws, self.observe = problem, laws, observe
+        #: (dim, K) when θ is a (K, P) batch of independent members (e.g. ("path", K)), else None
+        self.members = members
         self.coords, self.attrs = coords, dict(attrs)
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
-        self.scale = laws.magnitude(theta0).cpu().numpy()
+        self.scale = laws.magnitude(theta0.reshape(-1, theta0.shape[-1]).T).T.reshape(*theta0.shape[:-1], -1).cpu().numpy()
         self.pending: list[dict[str, Any]] = []
         self.columns: dict[str, list[np.ndarray]] = {}
         self.n_saved = 0
@@ -161,35 +183,38 @@ class Recorder:
 
     # ------------------------------------------------------------------ rows
     def add(self, point: SavePoint, wall_time: float) -> bool:
-        """Observe `point`; return False (and record nothing) if θ or the loss is not finite."""
+        """Observe `point` (θ of shape (P,), or (K, P) for K members); return False (and record
+        nothing) if θ or the loss is not finite."""
         problem, theta = self.problem, point.theta
         grad, loss = point.grad, point.loss
         if grad is None:
-            loss, grad = problem.loss_and_grad(theta)
+            loss, grad = _each(problem.loss_and_grad, theta)
         elif loss is None and "loss" in self.observe:
-            loss = problem.loss(theta)
-        check = theta.sum() if loss is None else loss + theta.sum()
+            loss = _each(problem.loss, theta)
+        check = theta.sum() if loss is None else loss.sum() + theta.sum()
         if not torch.isfinite(check):
             return False
-        vectors = [theta, grad] if point.velocity is None else [theta, grad, point.velocity]
-        forms = self.laws.value(torch.stack(vectors, dim=1))  # every law on every vector at once
+        vectors = torch.stack([theta, grad] if point.velocity is None else [theta, grad, point.velocity])
+        # every law on every vector (and member) at once: (V, ..., P) → (V, ..., Q)
+        flat = vectors.reshape(-1, vectors.shape[-1]).T
+        forms = self.laws.value(flat).T.reshape(*vectors.shape[:-1], self.laws.size)
         row: dict[str, Any] = {
             "time": point.time,
             "step": point.step,
             "nfe": point.nfe,
             "wall_time": wall_time,
-            "value": forms[:, 0],
-            "grad_sq": forms[:, 1],
+            "value": forms[0],
+            "grad_sq": forms[1],
         }
         if point.velocity is not None:
-            row["velocity_sq"] = forms[:, 2]
+            row["velocity_sq"] = forms[2]
         if "loss" in self.observe:
             row["loss"] = loss
         if "grad_norm" in self.observe:
             full = grad.add(theta, alpha=problem.weight_decay) if problem.weight_decay else grad
-            row["grad_norm"] = full.norm()
+            row["grad_norm"] = full.norm(dim=-1)
         if "sharpness" in self.observe:
-            row["sharpness"], self._sharp_vector = sharpness(problem, theta, start=self._sharp_vector)
+            row["sharpness"], self._sharp_vector = _each(lambda t, v: sharpness(problem, t, start=v), theta, self._sharp_vector)
         if "params" in self.observe:
             row["params"] = theta.clone()
         self.pending.append(row)
@@ -234,6 +259,7 @@ class Recorder:
         stop = self.n_saved if stop is None else stop
         cols = {k: np.concatenate(v)[start:stop] for k, v in self.columns.items()}
         n = stop - start
+        lead, shape = ((self.members[0],), (self.members[1],)) if self.members else ((), ())
         q = self.laws.coords()
         coords: dict[str, Any] = {
             "time": ("time", cols.get("time", np.zeros(0)).astype(np.float64)),
@@ -243,23 +269,25 @@ class Recorder:
             "site": ("quantity", np.asarray(q["site"], dtype=str)),
             "component": ("quantity", np.asarray(q["component"], dtype=str)),
             "exact": ("quantity", np.asarray(q["exact"], dtype=bool)),
-            "scale": ("quantity", self.scale),
+            "scale": ((*lead[: self.scale.ndim - 1], "quantity"), self.scale),
             **self.coords,
         }
-        empty_q = np.zeros((n, self.laws.size))
+        if self.members:
+            coords[lead[0]] = (lead[0], np.arange(shape[0]))
+        empty_q = np.zeros((n, *shape, self.laws.size))
         data: dict[str, Any] = {
-            "value": (("time", "quantity"), cols.get("value", empty_q)),
-            "grad_sq": (("time", "quantity"), cols.get("grad_sq", empty_q)),
+            "value": (("time", *lead, "quantity"), cols.get("value", empty_q)),
+            "grad_sq": (("time", *lead, "quantity"), cols.get("grad_sq", empty_q)),
         }
         if "velocity_sq" in cols:
-            data["velocity_sq"] = (("time", "quantity"), cols["velocity_sq"])
+            data["velocity_sq"] = (("time", *lead, "quantity"), cols["velocity_sq"])
         for name in ("loss", "grad_norm", "sharpness"):
             if name in self.observe:
-                data[name] = ("time", cols.get(name, np.zeros(n)))
+                data[name] = (("time", *lead), cols.get(name, np.zeros((n, *shape))))
         data["nfe"] = ("time", cols.get("nfe", np.zeros(n)).astype(np.int64))
         data["wall_time"] = ("time", cols.get("wall_time", np.zeros(n)).astype(np.float64))
         if "params" in self.observe:
-            data["params"] = (("time", "parameter"), cols.get("params", np.zeros((n, self.problem.n_params))))
+            data["params"] = (("time", *lead, "parameter"), cols.get("params", np.zeros((n, *shape, self.problem.n_params))))
             coords["tensor"] = (
                 "parameter",
                 np.repeat(np.asarray(self.problem.names, dtype=str), self.problem.sizes),

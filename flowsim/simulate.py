@@ -166,7 +166,8 @@ def simulate(
         "config": config if config is not None else to_toml(problem, dynamics, integrator, t1, save_every, seed, device, dtype),
     }
     coords = {**dynamics.coords(), "weight_decay": problem.weight_decay, "seed": seed}
-    recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, out_path)
+    members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
+    recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, out_path, members=members)
 
     # --- 3. integrate, recording at every save point
     from tqdm.auto import tqdm

@@ -1,11 +1,18 @@
-"""HOW the dynamics move: torchdiffeq ODE solvers and the discrete step loop."""
+"""HOW the dynamics move: torchdiffeq ODE solvers, the discrete step loop, and the SGD-noise SDE
+(torchsde, and a fused Euler–Maruyama)."""
 
 from .base import Integrator, SaveGrid, SavePoint
 from .discrete import Discrete
 from .ode import ODE
+from .fused import FusedEulerMaruyama
 from .rk import RK
+from .sde import SDE
 
 #: the integrators a config may name
-INTEGRATORS = {"ODE": ODE, "Discrete": Discrete, "RK": RK}
+INTEGRATORS = {"ODE": ODE, "Discrete": Discrete}
+INTEGRATORS.update(SDE=SDE, FusedEulerMaruyama=FusedEulerMaruyama)
+INTEGRATORS.update(RK=RK)
 
-__all__ = ["Integrator", "SaveGrid", "SavePoint", "Discrete", "ODE", "RK", "INTEGRATORS"]
+__all__ = ["Integrator", "SaveGrid", "SavePoint", "Discrete", "ODE", "INTEGRATORS"]
+__all__ += ["SDE", "FusedEulerMaruyama"]
+__all__ += ["RK"]

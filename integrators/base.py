@@ -28,7 +28,9 @@ class SavePoint:
     `grad` is ĝ (the data-loss gradient without weight decay) that moves θ from here, `velocity`
     the velocity that moves it, `loss` the full-data loss at θ; each is None when the
     integrator does not have it for free (the recorder then computes what it needs).
-    `step` counts the integrator's steps so far, `nfe` its evaluations of the dynamics."""
+    `step` counts the integrator's steps so far, `nfe` its evaluations of the dynamics.
+    For a dynamics with ``members = (dim, K)`` (SGDNoise's paths) θ, grad, velocity and loss
+    carry a leading batch dimension of K independent members: θ is (K, P)."""
 
     time: float
     step: int

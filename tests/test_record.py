@@ -98,7 +98,13 @@ def test_zarr_is_appended_as_the_run_goes(tmp_path, monkeypatch):
         sizes.append(xr.open_zarr(self.path).sizes["time"])
 
     monkeypatch.setattr(record._ZarrStore, "write", spy)
-    monkeypatch.setattr(record.Recorder.__init__, "__defaults__", (None, 3, 10.0))
+    original_init = record.Recorder.__init__
+
+    def flush_every_three(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.flush_every = 3
+
+    monkeypatch.setattr(record.Recorder, "__init__", flush_every_three)
     out = tmp_path / "stream.zarr"
     ds = fs.simulate(build_problem("mlp", n=32), fs.DiscreteSGD(lr=0.1), t1=1.0, save_every=0.1, out=out, progress=False)
     assert sizes == [3, 6, 9, 11]

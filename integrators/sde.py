@@ -1,0 +1,167 @@
+"""The SGD-noise SDE on torchsde's solvers, streamed save point by save point.
+
+torchsde integrates Itô SDEs with general (P × m) noise through the product G(θ)·v alone
+(``g_prod``), which is how the SGD noise is given: the matrix G is never formed. Among
+torchsde's methods only Euler–Maruyama ("euler") takes Itô SDEs with general noise: srk and
+Milstein need diagonal, additive or scalar noise, and midpoint, heun, euler_heun, log_ode and
+reversible_heun solve Stratonovich SDEs, whose drift correction would need derivatives of G.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchsde import BrownianInterval
+from torchsde._brownian.brownian_base import BaseBrownian
+from torchsde._core.base_sde import ForwardSDE
+from torchsde._core.methods import select
+from torchsde.settings import METHODS, NOISE_TYPES, SDE_TYPES
+
+from flowsim.errors import ConfigError, check_number
+
+from .base import Integrator, SaveGrid, SavePoint
+from .brownian import brownian_increments, fixed_steps
+
+
+def _method_class(method: str):
+    return select(method, SDE_TYPES.ito)
+
+
+#: torchsde's methods (the adjoint one is for backpropagation through a solve, not a solve)
+_METHODS = tuple(m for m in METHODS.all() if m != METHODS.adjoint_reversible_heun)
+#: those that solve Itô SDEs with general noise, the SGD-noise SDE's kind
+GENERAL_NOISE_ITO = tuple(
+    m for m in _METHODS if _method_class(m).sde_type == SDE_TYPES.ito and NOISE_TYPES.general in _method_class(m).noise_types
+)
+
+
+class _SGDNoiseSDE(torch.nn.Module):
+    """torchsde's view of SGDNoise on a (paths, P) state: drift and G·v, path by path."""
+
+    noise_type = NOISE_TYPES.general
+    sde_type = SDE_TYPES.ito
+
+    def __init__(self, dynamics, problem) -> None:
+        super().__init__()
+        self.dynamics, self.problem = dynamics, problem
+        self.nfe = 0
+
+    def f_and_g_prod(self, t: Tensor, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.nfe += 1
+        d, p = self.dynamics, self.problem
+        drift = torch.stack([d.drift_at(p, theta) for theta in y])
+        noise = torch.stack([d.diffusion(p, theta, w) for theta, w in zip(y, v)])
+        return drift, noise
+
+
+class _StepIncrements(BaseBrownian):
+    """A Brownian motion queried one fixed step at a time: over the current step k it returns the
+    increments of ``brownian_increments(seed, paths, k, …)``, shared with FusedEulerMaruyama."""
+
+    def __init__(self, seed: int, paths: int, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.seed, self._shape, self._dtype, self._device = seed, (paths, size), dtype, device
+        self.step = 0
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        if tb is None or return_U or return_A:
+            raise NotImplementedError("only increments over one step are drawn")
+        return brownian_increments(
+            self.seed, self._shape[0], self.step, self._shape[1], float(tb - ta), self._dtype, self._device
+        )
+
+    def __repr__(self) -> str:
+        return f"_StepIncrements(seed={self.seed}, shape={self._shape})"
+
+    dtype = property(lambda self: self._dtype)
+    device = property(lambda self: self._device)
+    shape = property(lambda self: self._shape)
+    levy_area_approximation = property(lambda self: "none")
+
+
+@dataclass(frozen=True)
+class SDE(Integrator):
+    """torchsde's `method` on the SGD-noise SDE (``SGDNoise``), its noise through ``g_prod``.
+
+    Fixed steps (default): steps h ≤ `dt` landing on every save time, with the increments of
+    FusedEulerMaruyama (a pure function of (seed, path, step)), so both integrators give the same
+    paths to round-off; a step costs a drift and a noise evaluation (two backward passes).
+    ``adaptive=True``: torchsde's step doubling to ``atol + rtol·|y|`` from `dt`, never below
+    `dt_min`, on a ``BrownianInterval`` per save interval seeded by (seed, interval); torchsde
+    does not guarantee convergence of adaptive Euler–Maruyama for multiplicative noise.
+
+    **Raises** ConfigError for a method torchsde lacks for Itô SDEs with general noise.
+    """
+
+    method: str
+    dt: float
+    adaptive: bool = False
+    rtol: float = 1e-5
+    atol: float = 1e-4
+    dt_min: float = 1e-5
+    runs = "sde"
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ConfigError(f"integrator.method: got {self.method!r}; expected one of torchsde's {', '.join(_METHODS)}")
+        if self.method not in GENERAL_NOISE_ITO:
+            cls = _method_class(self.method)
+            why = (
+                f"it solves {cls.sde_type} SDEs"
+                if cls.sde_type != SDE_TYPES.ito
+                else f"it takes only {', '.join(cls.noise_types)} noise"
+            )
+            raise ConfigError(
+                f"integrator.method: got {self.method!r}; the SGD-noise SDE is Itô with general noise, and {why}; "
+                f"expected one of {', '.join(GENERAL_NOISE_ITO)}"
+            )
+        check_number("integrator.dt", self.dt, minimum=0.0, exclusive_minimum=True)
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"integrator.adaptive: got {self.adaptive!r}; expected true or false")
+        check_number("integrator.rtol", self.rtol, minimum=0.0, exclusive_minimum=True)
+        check_number("integrator.atol", self.atol, minimum=0.0, exclusive_minimum=True)
+        check_number("integrator.dt_min", self.dt_min, minimum=0.0, exclusive_minimum=True)
+
+    def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
+        sde = _SGDNoiseSDE(dynamics, problem)
+        y = theta0.expand(dynamics.paths, -1).clone()
+        size = dynamics.noise_size(problem)
+        increments = _StepIncrements(seed, dynamics.paths, size, y.dtype, y.device)
+        solver = _method_class(self.method)(
+            sde=ForwardSDE(sde),
+            bm=increments,
+            dt=self.dt,
+            adaptive=self.adaptive,
+            rtol=self.rtol,
+            atol=self.atol,
+            dt_min=self.dt_min,
+            options={},
+        )
+        k = 0
+        yield SavePoint(grid.times[0], 0, 0, y)
+        for interval, (t0, t1) in enumerate(zip(grid.times[:-1], grid.times[1:])):
+            if self.adaptive:
+                solver.bm = BrownianInterval(
+                    t0, t1, size=(dynamics.paths, size), dtype=y.dtype, device=y.device, entropy=_interval_seed(seed, interval)
+                )
+                with warnings.catch_warnings():  # the class docstring says it once
+                    warnings.simplefilter("ignore", UserWarning)
+                    ts = torch.tensor([t0, t1], dtype=y.dtype, device=y.device)
+                    y = solver.integrate(y, ts, ())[0][-1]
+                k = sde.nfe
+            else:
+                n, h = fixed_steps(t0, t1, self.dt)
+                for j in range(n):
+                    increments.step = k
+                    y, _ = solver.step(t0 + j * h, t1 if j == n - 1 else t0 + (j + 1) * h, y, ())
+                    k += 1
+            yield SavePoint(t1, k, sde.nfe, y)
+
+
+def _interval_seed(seed: int, interval: int) -> int:
+    """BrownianInterval's entropy for save interval `interval` (below 2**63)."""
+    return int(np.random.SeedSequence((seed, interval)).generate_state(1, np.uint64)[0] >> np.uint64(1))
