@@ -28,7 +28,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from flowsim.errors import ConfigError, IntegrationError, bad_value, check_number
 
 from .base import Integrator, SaveGrid, SavePoint
-from .ode import warn_low_precision
+from .ode import check_rtol
 
 # ----------------------------------------------------------------------------------------- tableaus
 
@@ -207,9 +207,13 @@ class RK(Integrator):
     def check(self, dynamics, dtype: torch.dtype) -> None:
         super().check(dynamics, dtype)
         if self.tableau.adaptive:
-            warn_low_precision(self.rtol, dtype, stacklevel=4)
+            check_rtol(self.rtol, dtype)
 
-    def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
+    def solve(
+        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
+    ) -> Iterator[SavePoint]:
+        """No checkpoints yet (SavePoint.checkpoint is None): a resumed run starts over, and
+        `start` is never given."""
         y0 = dynamics.initial_state(problem, theta0)
         yield SavePoint(grid.times[0], 0, 0, *dynamics.split(problem, y0))
         f = vector_field(dynamics, problem, compile=self.compile)

@@ -196,7 +196,7 @@ def test_failure_raises_integration_error_from_solve():
         next(points)
 
 
-def test_float32_runs_and_warns_below_what_it_can_honour(smooth):
+def test_float32_runs_and_refuses_what_it_cannot_honour(smooth):
     """float32 takes the steps of float64 at rtol=1e-5 and ends within float32 round-off of it."""
     problem, theta0 = smooth
     grid, rk = SaveGrid((0.0, 0.5)), RK("dopri5", rtol=1e-5, atol=1e-5)
@@ -204,7 +204,7 @@ def test_float32_runs_and_warns_below_what_it_can_honour(smooth):
     exact = list(rk.solve(fs.GradientFlow(), problem, theta0, grid, 0))[-1]
     assert last.theta.dtype == torch.float32 and (last.step, last.nfe) == (exact.step, exact.nfe)
     assert relative(last.theta.double(), exact.theta) < 1e-5
-    with pytest.warns(UserWarning, match="float32"):
+    with pytest.raises(ConfigError, match="integrator.rtol.*float32"):
         RK("dopri5", rtol=1e-8).check(fs.GradientFlow(), torch.float32)
 
 
