@@ -215,9 +215,10 @@ class RK(Integrator):
         """No checkpoints yet (SavePoint.checkpoint is None): a resumed run starts over, and
         `start` is never given."""
         y0 = dynamics.initial_state(problem, theta0)
-        yield SavePoint(grid.times[0], 0, 0, *dynamics.split(problem, y0))
         f = vector_field(dynamics, problem, compile=self.compile)
         loop = (_AdaptiveLoop if self.tableau.adaptive else _FixedLoop)(self, f, y0, grid)
+        # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
+        yield SavePoint(grid.times[0], 0, loop.state.nfe, *dynamics.split(problem, y0))
         for time in grid.times[1:]:
             theta, velocity = dynamics.split(problem, loop.advance(time))
             yield SavePoint(time, loop.state.accepted, loop.state.nfe, theta, velocity=velocity)
@@ -265,7 +266,7 @@ class RKState:
 
     The last accepted step went from (t0, y0) to (t1, y1) with size h and stages ``stages``
     (its dense output: y(t0 + x h) = y0 + h stagesᵀ w(x)); before any step t0 = t1 and
-    stages[0] = f(t0, y0). ``rolled`` is False while that step has not yet been rolled over
+    (adaptive methods) stages[0] = f(t0, y0). ``rolled`` is False while that step has not yet been rolled over
     (y0 ← y1, k_0 ← f1). `dt` is the next step size to try."""
 
     t0: float
@@ -296,7 +297,6 @@ class _Loop:
         stages = torch.empty(rows, *y0.shape, **like)
         self.y_stage = torch.empty_like(y0)
         self.state = RKState(grid.times[0], grid.times[0], 0.0, 0.0, y0.clone(), y0.clone(), stages, rolled=True)
-        self._evaluate(grid.times[0], self.state.y0, stages[0])
 
     def _evaluate(self, t: float, y: Tensor, out: Tensor) -> None:
         self.state.nfe += 1
@@ -341,8 +341,7 @@ class _FixedLoop(_Loop):
         s = self.state
         while time > s.t1:
             self._roll()
-            if s.accepted:  # the first step's k_0 was evaluated on construction
-                self._evaluate(s.t0, s.y0, s.stages[0])
+            self._evaluate(s.t0, s.y0, s.stages[0])
             t1 = self.grid[self.next]
             h = t1 - s.t0
             self._stages(s.t0, h)
@@ -363,6 +362,7 @@ class _AdaptiveLoop(_Loop):
     def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
         super().__init__(integrator, f, y0, grid)
         tab, s = self.tableau, self.state
+        self._evaluate(s.t0, s.y0, s.stages[0])
         like = dict(dtype=y0.dtype, device=y0.device)
         self.b_error = torch.tensor(tab.b_error, **like)
         self.error = torch.empty_like(y0)
