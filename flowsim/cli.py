@@ -1,4 +1,4 @@
-"""The command line: ``flowsim run | info | plot``.
+"""The command line: ``flowsim run | info | plot | compare``.
 
 Exit status: 0 done, 2 bad input (one line naming the field), 3 the run diverged,
 130 interrupted (Ctrl-C: the run is saved and checkpointed; ``flowsim run --resume`` goes on).
@@ -74,6 +74,20 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, describe
+    from .errors import ConfigError
+
+    if args.output and not args.output.endswith(".nc"):
+        raise ConfigError(f"compare --output: got {args.output!r}; expected a path ending in .nc")
+    errors = compare(args.a, args.b, join=args.join)
+    print("\n".join(describe(errors)))
+    if args.output:
+        errors.to_netcdf(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsim", description="Neural-network training as a dynamical system.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +105,12 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("run")
     plot.add_argument("-o", "--output", required=True, help="figure path (.png, .pdf, …)")
     plot.set_defaults(func=_plot)
+    comp = sub.add_parser("compare", help="errors of run A against run B at matched times (laws, loss, params)")
+    comp.add_argument("a")
+    comp.add_argument("b", help="the reference run")
+    comp.add_argument("--join", choices=("exact", "inner"), default="exact", help="inner: only the times both saved")
+    comp.add_argument("-o", "--output", help="write the errors as a netCDF file (.nc)")
+    comp.set_defaults(func=_compare)
     return p
 
 

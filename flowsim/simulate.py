@@ -173,6 +173,7 @@ def simulate(
     grid = save_grid(dynamics, t1, save_every)
     integrator.check(dynamics, dtype)
     dynamics.check(problem)
+    integrator.check_problem(dynamics, problem)
 
     # --- 2. bind the problem to device and dtype; the initial point and its laws; what to resume
     problem = problem.to(device=device, dtype=dtype)
