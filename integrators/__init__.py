@@ -7,6 +7,7 @@ from .discrete import Discrete
 from .exponential import Exponential
 from .ode import ODE
 from .fused import FusedEulerMaruyama
+from .rk import RK
 from .scipy import SciPy
 from .sde import SDE
 
@@ -14,7 +15,9 @@ from .sde import SDE
 INTEGRATORS = {"ODE": ODE, "Discrete": Discrete}
 INTEGRATORS.update(SDE=SDE, FusedEulerMaruyama=FusedEulerMaruyama)
 INTEGRATORS.update(SciPy=SciPy, Exponential=Exponential)
+INTEGRATORS.update(RK=RK)
 
 __all__ = ["Integrator", "SaveGrid", "SavePoint", "Discrete", "ODE", "INTEGRATORS"]
 __all__ += ["SDE", "FusedEulerMaruyama"]
 __all__ += ["SciPy", "Exponential"]
+__all__ += ["RK"]

@@ -67,6 +67,19 @@ class _VectorField(torch.nn.Module):
         self.nfe, self.accepted, self.attempted = counts["nfe"], counts["accepted"], counts["attempted"]
 
 
+def check_rtol(rtol: float, dtype: torch.dtype) -> None:
+    """An adaptive method's rtol must be resolvable in `dtype` (at least RTOL_EPSILONS machine
+    epsilons: float32 cannot honour rtol below about 1e-6); ConfigError otherwise."""
+    smallest = RTOL_EPSILONS * torch.finfo(dtype).eps
+    if rtol < smallest:
+        name = str(dtype).removeprefix("torch.")
+        raise ConfigError(
+            f"integrator.rtol: got {rtol:g}; expected at least {smallest:.2g} in {name} "
+            f"({RTOL_EPSILONS} machine epsilons: a smaller relative error cannot be resolved); "
+            + ("use dtype=float64 for accuracy work" if dtype == torch.float32 else "loosen rtol")
+        )
+
+
 @dataclass(frozen=True)
 class ODE(Integrator):
     """torchdiffeq's ``method`` on a continuous dynamics.
@@ -130,14 +143,8 @@ class ODE(Integrator):
         """Besides the kind of dynamics: an adaptive method's rtol must be resolvable in `dtype`
         (at least 8 machine epsilons: float32 cannot honour rtol below about 1e-6)."""
         super().check(dynamics, dtype)
-        smallest = RTOL_EPSILONS * torch.finfo(dtype).eps
-        if self.adaptive and self.rtol < smallest:
-            name = str(dtype).removeprefix("torch.")
-            raise ConfigError(
-                f"integrator.rtol: got {self.rtol:g}; expected at least {smallest:.2g} in {name} "
-                f"({RTOL_EPSILONS} machine epsilons: a smaller relative error cannot be resolved); "
-                + ("use dtype=float64 for accuracy work" if dtype == torch.float32 else "loosen rtol")
-            )
+        if self.adaptive:
+            check_rtol(self.rtol, dtype)
 
     def _solver(self, f, y0: Tensor, t: Tensor):
         """torchdiffeq's solver object for `method` on y' = f(t, y) from y0."""

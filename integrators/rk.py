@@ -1,0 +1,447 @@
+"""Explicit Runge–Kutta methods fused on one stage buffer: torchdiffeq's tableaus and step-size
+control, without its per-step overheads.
+
+One step of an s-stage method from (t0, y0) with size h:
+
+    k_0 = f(t0, y0)                                    (FSAL: the last stage of the step before)
+    k_i = f(t0 + c_i h, y0 + h Σ_{j<i} a_ij k_j)        i = 1 … s−1
+    y1  = y0 + h Σ_j b_j k_j          error  e = h Σ_j (b_j − b̂_j) k_j
+
+The k_i are the rows of one preallocated (rows, P) tensor K, so every stage input, y1 and e is
+one matrix–vector product Kᵀ a written into a preallocated buffer (``torch.addmv(out=...)``):
+no tensor is allocated per step. A method whose last stage is evaluated at y1 (FSAL: dopri5,
+dopri8, bosh3) reuses it as the next k_0.
+
+Step-size control is torchdiffeq's (Hairer, Nørsett & Wanner I, §II.4), in Python floats:
+
+    r = rms(e / (atol + rtol·max(|y0|, |y1|)));   accept when r ≤ 1
+    h ← h · min(ifactor, max(safety · r^(−1/order), dfactor))    (dfactor → 1 when r < 1; h·ifactor when r = 0)
+
+with torchdiffeq's initial step (``_select_initial_step``). Save points come from torchdiffeq's
+dense output, the quartic through y0, y1, y(t0 + h/2), f0 and f1; written in the stages it is
+y(t0 + x h) = y0 + h Kᵀ w(x), one product per save point and nothing per step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torchdiffeq._impl.misc import _rms_norm, _select_initial_step
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+
+from flowsim.errors import ConfigError, IntegrationError, bad_value, check_number
+
+from .base import Integrator, SaveGrid, SavePoint
+from .ode import check_rtol
+
+# ----------------------------------------------------------------------------------------- tableaus
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge–Kutta method::
+
+        c_0 = 0  |
+        c_1      | a_10
+        c_2      | a_20  a_21
+        ⋮        | ⋮            ⋱
+        c_{s-1}  | a_{s-1,0}   …   a_{s-1,s-2}
+        ---------+-------------------------------
+                 | b_0   b_1   …   b_{s-1}        (the solution)
+                 | e_0   e_1   …   e_{s-1}        (error weights b − b̂; None: fixed steps)
+                 | m_0   m_1   …   m_{s-1}        (y(t0 + h/2) for dense output; None: linear)
+
+    `order` is the exponent of the step-size control (torchdiffeq's ``order``). Checked on
+    construction: each row of a sums to its c, b sums to 1, e to 0 and m to 1/2.
+    """
+
+    name: str
+    order: int
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    b_error: tuple[float, ...] | None = None
+    b_mid: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        s = len(self.c)
+        if s == 0 or self.c[0] != 0 or len(self.a) != s or len(self.b) != s:
+            raise ValueError(f"tableau {self.name}: expected c (with c_0 = 0), a and b of one length s, got {self}")
+        for i, (c_i, row) in enumerate(zip(self.c, self.a)):
+            if len(row) != i:
+                raise ValueError(f"tableau {self.name}: row {i} of a has {len(row)} entries; expected {i} (explicit method)")
+            if abs(math.fsum(row) - c_i) > 1e-12:
+                raise ValueError(f"tableau {self.name}: row {i} of a sums to {math.fsum(row)!r}; expected c_{i} = {c_i!r}")
+        for weights, total, label in ((self.b, 1.0, "b"), (self.b_error, 0.0, "b_error"), (self.b_mid, 0.5, "b_mid")):
+            if weights is None:
+                continue
+            if len(weights) != s:
+                raise ValueError(f"tableau {self.name}: {label} has {len(weights)} entries; expected {s}")
+            if abs(math.fsum(weights) - total) > 1e-12:
+                raise ValueError(f"tableau {self.name}: {label} sums to {math.fsum(weights)!r}; expected {total}")
+        if self.b_mid is not None and self.b_error is None:
+            raise ValueError(f"tableau {self.name}: b_mid (dense output) is only used with b_error (adaptive steps)")
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.b_error is not None
+
+    @property
+    def fsal(self) -> bool:
+        """First same as last: the last stage is evaluated at y1, so it is the next step's k_0."""
+        return self.stages > 1 and self.c[-1] == 1 and self.a[-1] == self.b[:-1] and self.b[-1] == 0
+
+    @classmethod
+    def from_torchdiffeq(cls, name: str) -> ButcherTableau:
+        """torchdiffeq's own coefficients for its adaptive method `name` (dopri5, dopri8, …)."""
+        solver = SOLVERS[name]
+        t = solver.tableau
+        return cls(
+            name=name,
+            order=solver.order,
+            c=(0.0, *t.alpha.tolist()),
+            a=((), *(tuple(row.tolist()) for row in t.beta)),
+            b=tuple(t.c_sol.tolist()),
+            b_error=tuple(t.c_error.tolist()),
+            b_mid=tuple(solver.mid.tolist()),
+        )
+
+
+def _fixed(name: str, order: int, c: tuple, a: tuple, b: tuple) -> ButcherTableau:
+    return ButcherTableau(name, order, tuple(map(float, c)), tuple(tuple(map(float, r)) for r in a), tuple(map(float, b)))
+
+
+#: every method RK runs: torchdiffeq's explicit adaptive RK methods (its coefficients) and its
+#: fixed-step ones (written out; "rk4" is torchdiffeq's, the 3/8 rule)
+TABLEAUS: dict[str, ButcherTableau] = {
+    **{
+        name: ButcherTableau.from_torchdiffeq(name)
+        for name, solver in SOLVERS.items()
+        if isinstance(solver, type) and issubclass(solver, RKAdaptiveStepsizeODESolver)
+    },
+    "euler": _fixed("euler", 1, (0,), ((),), (1,)),
+    "midpoint": _fixed("midpoint", 2, (0, 1 / 2), ((), (1 / 2,)), (0, 1)),
+    "heun2": _fixed("heun2", 2, (0, 1), ((), (1,)), (1 / 2, 1 / 2)),
+    "heun3": _fixed("heun3", 3, (0, 1 / 3, 2 / 3), ((), (1 / 3,), (0, 2 / 3)), (1 / 4, 0, 3 / 4)),
+    "rk4": _fixed("rk4", 4, (0, 1 / 3, 2 / 3, 1), ((), (1 / 3,), (-1 / 3, 1), (1, -1, 1)), (1 / 8, 3 / 8, 3 / 8, 1 / 8)),
+}
+
+# ----------------------------------------------------------------------------------------- the integrator
+
+
+@dataclass(frozen=True)
+class RK(Integrator):
+    """Explicit Runge–Kutta on a continuous dynamics, fused: the same methods, steps and save
+    points as ``ODE(method, rtol, atol)`` (torchdiffeq), at less cost per evaluation.
+
+    **Main arguments**
+
+    - `method`: adaptive dopri5, dopri8, bosh3, fehlberg2, adaptive_heun; fixed-step euler,
+      midpoint, heun2, heun3, rk4.
+    - `rtol`, `atol`: local error control, |e| ≲ atol + rtol·|y| (adaptive methods).
+    - `step_size`: fixed-step methods only; None takes one step per save interval.
+
+    **Other arguments**
+
+    - `first_step`: the first step size (None: torchdiffeq's selection).
+    - `max_steps`: give up (IntegrationError) after this many steps, accepted or rejected, in
+      the whole run (torchdiffeq's ``max_num_steps`` counts per save interval). None: no limit.
+    - `safety`, `ifactor`, `dfactor`: the step-size controller's (torchdiffeq's defaults).
+    - `compile`: evaluate the vector field through ``torch.compile`` (falls back, with a
+      warning, to the plain evaluation when compilation fails).
+
+    **Raises** ConfigError for bad arguments; while solving, IntegrationError when the state
+    becomes NaN/Inf, the step size underflows or `max_steps` is reached.
+    """
+
+    method: str = "dopri5"
+    rtol: float = 1e-7
+    atol: float = 1e-9
+    step_size: float | None = None
+    first_step: float | None = None
+    max_steps: int | None = None
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+    compile: bool = False
+    runs: ClassVar[str] = "continuous"
+
+    def __post_init__(self) -> None:
+        if self.method not in TABLEAUS:
+            raise bad_value("integrator.method", self.method, f"one of {', '.join(TABLEAUS)}")
+        check_number("integrator.rtol", self.rtol, minimum=0.0, exclusive_minimum=True)
+        check_number("integrator.atol", self.atol, minimum=0.0, exclusive_minimum=True)
+        adaptive = self.tableau.adaptive
+        fixed = ", ".join(m for m, t in TABLEAUS.items() if not t.adaptive)
+        for name in ("step_size", "first_step"):
+            value = getattr(self, name)
+            if value is not None:
+                check_number(f"integrator.{name}", value, minimum=0.0, exclusive_minimum=True)
+        if self.step_size is not None and adaptive:
+            raise ConfigError(f"integrator.step_size: {self.method} chooses its own steps; give step_size only to {fixed}")
+        if self.first_step is not None and not adaptive:
+            raise ConfigError(f"integrator.first_step: {self.method} takes fixed steps; give it step_size instead")
+        if self.max_steps is not None:
+            check_number("integrator.max_steps", self.max_steps, integer=True, minimum=1)
+        check_number("integrator.safety", self.safety, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+        check_number("integrator.ifactor", self.ifactor, minimum=1.0)
+        check_number("integrator.dfactor", self.dfactor, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+        if not isinstance(self.compile, bool):
+            raise bad_value("integrator.compile", self.compile, "true or false")
+
+    @property
+    def tableau(self) -> ButcherTableau:
+        return TABLEAUS[self.method]
+
+    def check(self, dynamics, dtype: torch.dtype) -> None:
+        super().check(dynamics, dtype)
+        if self.tableau.adaptive:
+            check_rtol(self.rtol, dtype)
+
+    def solve(
+        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
+    ) -> Iterator[SavePoint]:
+        """No checkpoints yet (SavePoint.checkpoint is None): a resumed run starts over, and
+        `start` is never given."""
+        y0 = dynamics.initial_state(problem, theta0)
+        f = vector_field(dynamics, problem, compile=self.compile)
+        loop = (_AdaptiveLoop if self.tableau.adaptive else _FixedLoop)(self, f, y0, grid)
+        # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
+        yield SavePoint(grid.times[0], 0, loop.state.nfe, *dynamics.split(problem, y0))
+        for time in grid.times[1:]:
+            theta, velocity = dynamics.split(problem, loop.advance(time))
+            yield SavePoint(time, loop.state.accepted, loop.state.nfe, theta, velocity=velocity)
+
+
+def vector_field(dynamics, problem, compile: bool = False) -> Callable[[float, Tensor, Tensor], None]:
+    """f(t, y, out): out ← y'(t) = dynamics.derivative(problem, t, y). The time goes in as one
+    0-d float64 tensor refilled at each call (no allocation on the solver's side)."""
+    derivative = dynamics.derivative
+    if compile:
+        derivative = _compiled(derivative)
+    time = torch.zeros((), dtype=torch.float64)
+
+    def f(t: float, y: Tensor, out: Tensor) -> None:
+        out.copy_(derivative(problem, time.fill_(t), y))
+
+    return f
+
+
+def _compiled(derivative: Callable) -> Callable:
+    """``torch.compile(derivative)``, replaced by `derivative` itself (with a warning) the
+    first time compilation or the compiled code fails."""
+    compiled = torch.compile(derivative)
+    state = {"fn": compiled}
+
+    def call(problem, t: Tensor, y: Tensor) -> Tensor:
+        if state["fn"] is compiled:
+            try:
+                return compiled(problem, t, y)
+            except Exception as exc:  # any failure of the compiler: carry on uncompiled
+                warnings.warn(f"integrator.compile: torch.compile failed ({type(exc).__name__}: {exc}); "
+                              "evaluating the vector field uncompiled", RuntimeWarning, stacklevel=2)
+                state["fn"] = derivative
+        return state["fn"](problem, t, y)
+
+    return call
+
+
+# ----------------------------------------------------------------------------------------- the loops
+
+
+@dataclass
+class RKState:
+    """All an RK loop carries between steps (what a checkpoint would save).
+
+    The last accepted step went from (t0, y0) to (t1, y1) with size h and stages ``stages``
+    (its dense output: y(t0 + x h) = y0 + h stagesᵀ w(x)); before any step t0 = t1 and
+    (adaptive methods) stages[0] = f(t0, y0). ``rolled`` is False while that step has not yet been rolled over
+    (y0 ← y1, k_0 ← f1). `dt` is the next step size to try."""
+
+    t0: float
+    t1: float
+    h: float
+    dt: float
+    y0: Tensor
+    y1: Tensor
+    stages: Tensor
+    rolled: bool = True
+    accepted: int = 0
+    rejected: int = 0
+    nfe: int = 0
+
+
+class _Loop:
+    """The stages of one step on preallocated buffers; subclasses own the step control."""
+
+    def __init__(self, integrator: RK, f: Callable[[float, Tensor, Tensor], None], y0: Tensor, grid: SaveGrid) -> None:
+        tab = integrator.tableau
+        self.integrator, self.tableau, self.f = integrator, tab, f
+        # rows of K: the s stages, and f(t1, y1) after them where the last stage is not at y1
+        self.f1_row = tab.stages - 1 if tab.fsal else tab.stages
+        rows = self.f1_row + 1
+        like = dict(dtype=y0.dtype, device=y0.device)
+        self.a = [torch.tensor(row, **like) for row in tab.a]
+        self.b = torch.tensor(tab.b, **like)
+        stages = torch.empty(rows, *y0.shape, **like)
+        self.y_stage = torch.empty_like(y0)
+        self.state = RKState(grid.times[0], grid.times[0], 0.0, 0.0, y0.clone(), y0.clone(), stages, rolled=True)
+
+    def _evaluate(self, t: float, y: Tensor, out: Tensor) -> None:
+        self.state.nfe += 1
+        self.f(t, y, out)
+
+    def _roll(self) -> None:
+        """Start the next step from the end of the last accepted one."""
+        s = self.state
+        if not s.rolled:
+            s.y0, s.y1 = s.y1, s.y0
+            s.stages[0].copy_(s.stages[self.f1_row])
+            s.t0 = s.t1
+            s.rolled = True
+
+    def _stages(self, t0: float, h: float) -> None:
+        """stages[1:s] and y1 of a step of size h from (t0, y0, stages[0])."""
+        s, tab = self.state, self.tableau
+        K = s.stages
+        for i in range(1, tab.stages):
+            target = s.y1 if tab.fsal and i == tab.stages - 1 else self.y_stage
+            torch.addmv(s.y0, K[:i].T, self.a[i], alpha=h, out=target)
+            self._evaluate(t0 + tab.c[i] * h if tab.c[i] != 1 else t0 + h, target, K[i])
+        if not tab.fsal:
+            torch.addmv(s.y0, K[: tab.stages].T, self.b, alpha=h, out=s.y1)
+
+
+class _FixedLoop(_Loop):
+    """torchdiffeq's fixed grid (``step_size``, or the save times) and its linear interpolation."""
+
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
+        super().__init__(integrator, f, y0, grid)
+        times = torch.tensor(grid.times, dtype=torch.float64)
+        if integrator.step_size is not None:  # FixedGridODESolver._grid_constructor_from_step_size
+            n = torch.ceil((times[-1] - times[0]) / integrator.step_size + 1).item()
+            steps = torch.arange(0, n, dtype=torch.float64) * integrator.step_size + times[0]
+            steps[-1] = times[-1]
+            times = steps
+        self.grid = times.tolist()
+        self.next = 1
+
+    def advance(self, time: float) -> Tensor:
+        s = self.state
+        while time > s.t1:
+            self._roll()
+            self._evaluate(s.t0, s.y0, s.stages[0])
+            t1 = self.grid[self.next]
+            h = t1 - s.t0
+            self._stages(s.t0, h)
+            s.t1, s.h, s.rolled = t1, h, False
+            s.accepted += 1
+            self.next += 1
+        if time == s.t0:
+            return s.y0.clone()
+        if time == s.t1:
+            return s.y1.clone()
+        x = (time - s.t0) / (s.t1 - s.t0)
+        return s.y0 + x * (s.y1 - s.y0)
+
+
+class _AdaptiveLoop(_Loop):
+    """torchdiffeq's RKAdaptiveStepsizeODESolver: error control, step-size update, dense output."""
+
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
+        super().__init__(integrator, f, y0, grid)
+        tab, s = self.tableau, self.state
+        self._evaluate(s.t0, s.y0, s.stages[0])
+        like = dict(dtype=y0.dtype, device=y0.device)
+        self.b_error = torch.tensor(tab.b_error, **like)
+        self.error = torch.empty_like(y0)
+        self.scale = torch.empty_like(y0)
+        # the tolerances and the norm as 0-d tensors: a Python scalar in a tensor op allocates one
+        self.rtol, self.atol = torch.tensor(integrator.rtol, **like), torch.tensor(integrator.atol, **like)
+        self.norm = torch.empty((), **like)
+        # dense output weights: y(t0 + x h) = y0 + h Kᵀ (x e_0 + x² w2 + x³ w3 + x⁴ w4)
+        e0, f1, b, m = torch.zeros(4, s.stages.shape[0], dtype=torch.float64)
+        e0[0], f1[self.f1_row] = 1.0, 1.0
+        b[: tab.stages], m[: tab.stages] = torch.tensor(tab.b, dtype=torch.float64), torch.tensor(tab.b_mid, dtype=torch.float64)
+        self.dense = torch.stack([e0, f1 - 4 * e0 - 5 * b + 16 * m, 5 * e0 - 3 * f1 + 14 * b - 32 * m, 2 * (f1 - e0) - 8 * b + 16 * m])
+        s.dt = integrator.first_step if integrator.first_step is not None else self._initial_step()
+
+    def _initial_step(self) -> float:
+        s = self.state
+
+        def f(t: Tensor, y: Tensor) -> Tensor:
+            out = torch.empty_like(y)
+            self._evaluate(float(t), y, out)
+            return out
+
+        t0 = torch.tensor(s.t0, dtype=torch.float64)
+        rtol, atol = self.integrator.rtol, self.integrator.atol
+        return float(_select_initial_step(f, t0, s.y0, self.tableau.order - 1, rtol, atol, _rms_norm, f0=s.stages[0]))
+
+    def advance(self, time: float) -> Tensor:
+        s = self.state
+        while time > s.t1:
+            self._step()
+        if time == s.t1:
+            return s.y1.clone()
+        weights = (self.dense.T @ torch.tensor([(time - s.t0) / (s.t1 - s.t0)], dtype=torch.float64).pow(torch.arange(1, 5)))
+        return torch.addmv(s.y0, s.stages.T, weights.to(s.y0.dtype), alpha=s.h)
+
+    def _step(self) -> None:
+        """One attempt: accept it (the state then ends at t0 + dt) or shrink dt."""
+        integrator, s = self.integrator, self.state
+        self._roll()
+        if integrator.max_steps is not None and s.accepted + s.rejected >= integrator.max_steps:
+            raise IntegrationError(
+                f"max_steps = {integrator.max_steps} reached at t={s.t0:g}; raise integrator.max_steps or loosen rtol/atol"
+            )
+        h = s.dt
+        t1 = s.t0 + h
+        if not t1 > s.t0:
+            raise IntegrationError(f"step size underflow (dt={h:g}) at t={s.t0:g}: the flow is stiff or non-smooth there")
+        self._stages(s.t0, h)
+        ratio = self._error_ratio(h)
+        if math.isnan(ratio):
+            raise IntegrationError(f"the state or its derivative became NaN/Inf in the step from t={s.t0:g} (dt={h:g})")
+        if ratio <= 1:
+            if not self.tableau.fsal:
+                self._evaluate(t1, s.y1, s.stages[self.f1_row])
+            s.t1, s.h, s.rolled = t1, h, False
+            s.accepted += 1
+        else:
+            s.rejected += 1
+        s.dt = self._next_step_size(h, ratio)
+
+    def _error_ratio(self, h: float) -> float:
+        """rms(e / (atol + rtol·max(|y0|, |y1|))) with e = h Σ_j (b_j − b̂_j) k_j."""
+        s, tab = self.state, self.tableau
+        torch.abs(s.y0, out=self.scale)
+        torch.abs(s.y1, out=self.error)
+        torch.maximum(self.scale, self.error, out=self.scale)
+        torch.addcmul(self.atol, self.scale, self.rtol, out=self.scale)
+        torch.mv(s.stages[: tab.stages].T, self.b_error, out=self.error)
+        self.error.div_(self.scale)
+        torch.linalg.vector_norm(self.error, out=self.norm)
+        return abs(h) * self.norm.item() / math.sqrt(self.error.numel())
+
+    def _next_step_size(self, h: float, ratio: float) -> float:
+        """torchdiffeq's ``_optimal_step_size`` in floats."""
+        integrator = self.integrator
+        if ratio == 0:
+            return h * integrator.ifactor
+        dfactor = 1.0 if ratio < 1 else integrator.dfactor
+        return h * min(integrator.ifactor, max(integrator.safety / ratio ** (1.0 / self.tableau.order), dfactor))
+
+
+__all__ = ["RK", "ButcherTableau", "TABLEAUS", "RKState", "vector_field"]

@@ -1,0 +1,294 @@
+"""integrators.RK: the fused Runge–Kutta loop takes torchdiffeq's steps and gives its states."""
+
+import dataclasses
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import xarray as xr
+
+import flowsim as fs
+from flowsim.dynamics import ContinuousDynamics
+from flowsim.errors import ConfigError, IntegrationError
+from flowsim.integrators import INTEGRATORS, ODE, RK, SaveGrid
+from flowsim.integrators.rk import TABLEAUS, ButcherTableau, _AdaptiveLoop, _FixedLoop, vector_field
+
+from conftest import build_problem, relative
+
+GRID = SaveGrid((0.0, 0.5, 1.0, 1.5))
+
+
+@pytest.fixture(scope="module")
+def smooth():
+    """A tanh MLP on 64 digits in float64: its gradient flow is smooth (README, "Non-smooth flows")."""
+    problem = build_problem("mlp", n=32, activation="tanh").to(dtype=torch.float64)
+    return problem, problem.initial_theta()
+
+
+def both(method: str, problem, theta0, grid=GRID, **kwargs):
+    flow = fs.GradientFlow()
+    reference = list(ODE(method, **kwargs).solve(flow, problem, theta0, grid, 0))
+    fused = list(RK(method, **kwargs).solve(flow, problem, theta0, grid, 0))
+    return reference, fused
+
+
+@pytest.mark.parametrize("method, tol", [("dopri5", 1e-8), ("dopri8", 1e-8), ("bosh3", 1e-6)])
+def test_same_steps_evaluations_and_states_as_torchdiffeq(smooth, method, tol):
+    """FSAL methods: at every save point the same accepted steps and evaluations as torchdiffeq
+    (ODE), and the same state to 1e-12 relative in float64 (measured: dopri5 ≤ 4e-15, dopri8
+    ≤ 2.3e-13). Not bitwise: the error estimate Σ (b − b̂)_j k_j cancels to ~1e-12 of |k|, so its
+    summation order (one mv here, torchdiffeq's sum over a stage-last buffer) moves the next step
+    size by ~1e-6 relative; dopri8 at rtol=1e-10 then ends 1.4e-12 apart (README)."""
+    reference, fused = both(method, *smooth, rtol=tol, atol=tol)
+    assert [(p.step, p.nfe) for p in fused] == [(p.step, p.nfe) for p in reference]
+    assert fused[-1].step >= 4
+    for p, q in zip(reference, fused):
+        assert relative(q.theta, p.theta) < 1e-12, (method, p.time)
+
+
+@pytest.mark.parametrize("method, step_size", [("euler", 0.25), ("midpoint", None), ("heun3", 0.2), ("rk4", 0.3)])
+def test_fixed_step_methods_equal_torchdiffeq(smooth, method, step_size):
+    """Fixed grids (step_size, or the save times) with linear interpolation between them, as torchdiffeq."""
+    reference, fused = both(method, *smooth, step_size=step_size)
+    assert [(p.step, p.nfe) for p in fused] == [(p.step, p.nfe) for p in reference]
+    for p, q in zip(reference, fused):
+        assert relative(q.theta, p.theta) < 1e-13
+
+
+@pytest.mark.parametrize("method", ["adaptive_heun", "fehlberg2"])
+def test_methods_without_fsal_converge(smooth, method):
+    """adaptive_heun and fehlberg2 evaluate f(y1) after each accepted step (torchdiffeq reuses
+    their last stage, which is not taken at y1): the error at t=0.5 against a dopri8 solution
+    at rtol=1e-12 shrinks at least 10× from rtol=1e-4 to 1e-6."""
+    problem, theta0 = smooth
+    grid = SaveGrid((0.0, 0.5))
+    exact = list(RK("dopri8", rtol=1e-12, atol=1e-12).solve(fs.GradientFlow(), problem, theta0, grid, 0))[-1].theta
+    errors = [
+        relative(list(RK(method, rtol=tol, atol=tol).solve(fs.GradientFlow(), problem, theta0, grid, 0))[-1].theta, exact)
+        for tol in (1e-4, 1e-6)
+    ]
+    assert errors[1] < errors[0] / 10, errors
+
+
+def test_simulate_gives_the_dataset_of_ode(smooth):
+    """Inside fs.simulate, RK("dopri5") records what ODE("dopri5") records, to round-off."""
+    problem = build_problem("mlp", n=64, activation="tanh", weight_decay=1e-3)
+    run = dict(t1=1.0, save_every=0.25, progress=False, observe=("loss", "grad_norm", "params"))
+    a = fs.simulate(problem, fs.GradientFlow(), ODE("dopri5", rtol=1e-8, atol=1e-8), **run)
+    b = fs.simulate(problem, fs.GradientFlow(), RK("dopri5", rtol=1e-8, atol=1e-8), **run)
+    assert b.attrs["status"] == "completed"
+    assert (a.nfe.values == b.nfe.values).all() and (a.step.values == b.step.values).all()
+    for name in ("value", "grad_sq", "loss", "grad_norm", "params"):
+        xr.testing.assert_allclose(a[name], b[name], rtol=1e-12, atol=1e-14)
+    assert '"name": "RK"' in b.attrs["integrator"]
+
+
+def test_config_names_rk():
+    config = """
+[model]
+name = "mlp.mlp"
+width = 4
+[data]
+name = "digits"
+n_train = 16
+[dynamics]
+name = "GradientFlow"
+[integrator]
+name = "RK"
+method = "dopri8"
+rtol = 1e-6
+[run]
+t1 = 0.1
+save_every = 0.1
+"""
+    loaded = fs.config.load_config(config)
+    assert INTEGRATORS["RK"] is RK and loaded.integrator == RK("dopri8", rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- tableaus
+
+
+def test_tableaus():
+    """Every tableau passed its checks on construction; FSAL is derived from the coefficients."""
+    assert {m for m, t in TABLEAUS.items() if t.fsal} == {"dopri5", "dopri8", "bosh3"}
+    assert {m for m, t in TABLEAUS.items() if not t.adaptive} == {"euler", "midpoint", "heun2", "heun3", "rk4"}
+    assert [TABLEAUS[m].stages for m in ("dopri5", "dopri8", "bosh3", "rk4")] == [7, 14, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"c": (0.0, 0.4)}, "row 1 of a sums to"),
+        ({"b": (0.5, 0.4)}, "b sums to"),
+        ({"b_error": (0.5, 0.0)}, "b_error sums to"),
+        ({"a": ((), (0.5, 0.0))}, "expected 1 \\(explicit method\\)"),
+        ({"b_mid": (0.25, 0.25)}, "only used with b_error"),
+    ],
+)
+def test_tableau_checks(change, message):
+    heun = ButcherTableau("heun", 2, (0.0, 1.0), ((), (1.0,)), (0.5, 0.5), (0.5, -0.5), (0.5, 0.0))
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(heun, **({"b_error": None} if "b_mid" in change else {}), **change)
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"method": "rk45"}, "integrator.method"),
+        ({"rtol": 0.0}, "integrator.rtol"),
+        ({"atol": -1.0}, "integrator.atol"),
+        ({"step_size": 0.1}, "integrator.step_size"),
+        ({"method": "rk4", "first_step": 0.1}, "integrator.first_step"),
+        ({"max_steps": 0}, "integrator.max_steps"),
+        ({"safety": 1.5}, "integrator.safety"),
+        ({"dfactor": 0.0}, "integrator.dfactor"),
+        ({"compile": "yes"}, "integrator.compile"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        RK(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Explodes(ContinuousDynamics):
+    """θ' = θ²: every positive component reaches infinity at t = 1/θ0."""
+
+    def derivative(self, problem, t, y):
+        return y * y
+
+
+@dataclasses.dataclass(frozen=True)
+class _TurnsNaN(ContinuousDynamics):
+    """θ' = −θ, NaN from t = 0.5 on."""
+
+    def derivative(self, problem, t, y):
+        return -y if float(t) < 0.5 else torch.full_like(y, math.nan)
+
+
+@pytest.mark.parametrize(
+    "dynamics, integrator, message",
+    [
+        (_Explodes(), RK("dopri5"), "step size underflow"),
+        (_TurnsNaN(), RK("bosh3"), "NaN/Inf"),
+        (fs.GradientFlow(), RK("dopri5", rtol=1e-12, atol=1e-12, max_steps=3), "max_steps = 3"),
+    ],
+    ids=["underflow", "nan", "max_steps"],
+)
+def test_failures_end_the_run_as_diverged(dynamics, integrator, message):
+    problem = build_problem("mlp", n=16)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        ds = fs.simulate(problem, dynamics, integrator, t1=10.0, save_every=0.25, progress=False, laws=[])
+    assert ds.attrs["status"] == "diverged" and message in ds.attrs["status_message"]
+    assert ds.sizes["time"] >= 1
+
+
+def test_failure_raises_integration_error_from_solve():
+    problem = build_problem("mlp", n=16)
+    points = RK("dopri5", max_steps=2).solve(fs.GradientFlow(), problem, problem.initial_theta(), SaveGrid((0.0, 5.0)), 0)
+    next(points)
+    with pytest.raises(IntegrationError, match="raise integrator.max_steps"):
+        next(points)
+
+
+def test_float32_runs_and_refuses_what_it_cannot_honour(smooth):
+    """float32 takes the steps of float64 at rtol=1e-5 and ends within float32 round-off of it."""
+    problem, theta0 = smooth
+    grid, rk = SaveGrid((0.0, 0.5)), RK("dopri5", rtol=1e-5, atol=1e-5)
+    last = list(rk.solve(fs.GradientFlow(), problem.to(dtype=torch.float32), theta0.float(), grid, 0))[-1]
+    exact = list(rk.solve(fs.GradientFlow(), problem, theta0, grid, 0))[-1]
+    assert last.theta.dtype == torch.float32 and (last.step, last.nfe) == (exact.step, exact.nfe)
+    assert relative(last.theta.double(), exact.theta) < 1e-5
+    with pytest.raises(ConfigError, match="integrator.rtol.*float32"):
+        RK("dopri5", rtol=1e-8).check(fs.GradientFlow(), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------- compiled vector field
+
+
+def test_compile_failure_falls_back_with_a_warning(smooth, monkeypatch):
+    problem, theta0 = smooth
+
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("no compiler here")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    f = vector_field(fs.GradientFlow(), problem, compile=True)
+    out, expected = torch.empty_like(theta0), fs.GradientFlow().derivative(problem, torch.tensor(0.0), theta0)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        f(0.0, theta0, out)
+    assert torch.equal(out, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(0.0, theta0, out)  # warned once, then uncompiled without a word
+
+
+def test_compile_switch(smooth, monkeypatch):
+    """compile=False never calls torch.compile; compile=True wraps the dynamics' derivative once
+    (here in a stand-in compiler that returns it unchanged) and gives the same solve."""
+    problem, theta0 = smooth
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    off = list(RK("dopri5", rtol=1e-6, atol=1e-6).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    assert compiled == []
+    on = list(RK("dopri5", rtol=1e-6, atol=1e-6, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    assert [(fn.__func__, fn.__self__) for fn in compiled] == [(fs.GradientFlow.derivative, fs.GradientFlow())]
+    assert [(p.step, p.nfe) for p in on] == [(p.step, p.nfe) for p in off] and torch.equal(on[-1].theta, off[-1].theta)
+
+
+@pytest.mark.skipif(not os.environ.get("FLOWSIM_TEST_COMPILE"), reason="torch.compile takes tens of seconds on CPU: FLOWSIM_TEST_COMPILE=1")
+def test_compiled_vector_field_equals_eager(smooth):
+    """The real torch.compile: the same steps, and states to 1e-12 relative."""
+    problem, theta0 = smooth
+    eager = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: it really compiled
+        compiled = list(RK("dopri5", rtol=1e-8, atol=1e-8, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    assert [(p.step, p.nfe) for p in compiled] == [(p.step, p.nfe) for p in eager]
+    assert relative(compiled[-1].theta, eager[-1].theta) < 1e-12
+
+
+@pytest.mark.gpu
+def test_on_cuda_equals_cpu(gpu, smooth):
+    problem, theta0 = smooth
+    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    on_gpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem.to(gpu), theta0.to(gpu), GRID, 0))
+    assert [(p.step, p.nfe) for p in on_gpu] == [(p.step, p.nfe) for p in cpu]
+    assert relative(on_gpu[-1].theta.cpu(), cpu[-1].theta) < 1e-10
+
+
+# ----------------------------------------------------------------------------------------- no allocation per step
+
+
+def allocations(fn) -> int:
+    """How many tensor storages `fn()` allocates (torch.profiler's memory events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("method, options", [("dopri5", {"rtol": 1e-9}), ("dopri8", {"rtol": 1e-13}), ("fehlberg2", {"rtol": 1e-6}), ("rk4", {"step_size": 0.02})])
+def test_no_allocation_per_step(method, options):
+    """With a vector field that writes in place (y' = A y into `out`), advancing over a few or
+    over many more steps allocates the same: the steps allocate nothing, only the save point does."""
+    A = -torch.eye(40, dtype=torch.float64) + torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 40
+    y0 = torch.ones(40, dtype=torch.float64)
+    kwargs = options if "step_size" in options else {**options, "atol": options["rtol"]}
+    loop = (_AdaptiveLoop if TABLEAUS[method].adaptive else _FixedLoop)(
+        RK(method, **kwargs), lambda t, y, out: torch.mv(A, y, out=out), y0, SaveGrid((0.0, 2.0))
+    )
+    loop.advance(0.1)
+    start = loop.state.accepted
+    few = allocations(lambda: loop.advance(0.2))
+    middle = loop.state.accepted
+    many = allocations(lambda: loop.advance(2.0))
+    assert loop.state.accepted - middle >= middle - start + 10, (start, middle, loop.state.accepted)
+    assert many == few, (few, many)
