@@ -15,6 +15,7 @@ import xarray as xr
 from . import __version__
 from .config import to_toml
 from .dynamics import Dynamics
+from .ensemble import check_ensemble, ensemble_start
 from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, check_number
 from .integrators import Integrator, SaveGrid
 from .laws import Law, LawSet, detect
@@ -105,6 +106,7 @@ def simulate(
     overwrite: bool = False,
     progress: bool = True,
     config: str | None = None,
+    ensemble: int | torch.Tensor | None = None,
 ) -> xr.Dataset:
     """Integrate `dynamics` on `problem` from the model's current parameters and record the laws.
 
@@ -124,6 +126,9 @@ def simulate(
     - `device`, `dtype`: where and in what precision to run (float64 for accuracy work).
     - `out`: a ``.zarr`` (appended as the run goes) or ``.nc`` path; `overwrite` replaces it.
     - `progress`: a tqdm bar on a terminal. `config`: the run's TOML text, stored as an attr.
+    - `ensemble`: K (or (K, P) initial parameters): K independent copies of the run moved at once
+      by torch.func.vmap (flowsim.ensemble); member 0 starts from the model's parameters, member
+      k ≥ 1 from a fresh initialisation seeded by (seed, k). The record gains a ``member`` dim.
 
     **Returns** the run's `xarray.Dataset` (schema in flowsim.record), with
     ``attrs["status"]`` "completed", or "diverged" (NaN/Inf, step-size underflow) with
@@ -147,11 +152,14 @@ def simulate(
     grid = save_grid(dynamics, t1, save_every)
     integrator.check(dynamics, dtype)
     dynamics.check(problem)
+    ensemble = check_ensemble(ensemble, dynamics, problem)
 
     # --- 2. bind the problem to device and dtype; the initial point and its laws
     problem = problem.to(device=device, dtype=dtype)
     law_set = _law_set(laws, problem)
     theta0 = problem.initial_theta()
+    if ensemble is not None:
+        problem, theta0 = ensemble_start(problem, ensemble, seed)
     attrs = {
         "flowsim_version": __version__,
         "torch_version": torch.__version__,
@@ -167,6 +175,9 @@ def simulate(
     }
     coords = {**dynamics.coords(), "weight_decay": problem.weight_decay, "seed": seed}
     members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
+    if ensemble is not None:
+        members = problem.members
+        attrs["ensemble"] = members[1]
     recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, out_path, members=members)
 
     # --- 3. integrate, recording at every save point

@@ -93,6 +93,8 @@ class ODE(Integrator):
         options = dict(self.options)
         if self.step_size is not None:
             options["step_size"] = self.step_size
+        if hasattr(problem, "error_norm") and "norm" not in options:  # an ensemble: every member meets the tolerance
+            options["norm"] = problem.error_norm
         try:
             _, func, y0, t, rtol, atol, method, options, _, _ = _check_inputs(
                 f, y0, t, self.rtol, self.atol, self.method, options, None, SOLVERS
