@@ -15,6 +15,7 @@ from .laws import Law
 from .simulate import simulate
 from .config import load_config, run_config
 from .record import open_record
+from .sweep import sweep
 from . import accessor  # noqa: F401  (registers ds.flowsim)
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "load_config",
     "run_config",
     "open_record",
+    "sweep",
 ]
