@@ -1,7 +1,7 @@
 """The command line: ``flowsim run | info | plot | sweep``.
 
 Exit status: 0 done, 2 bad input (one line naming the field), 3 the run diverged,
-130 interrupted.
+130 interrupted (Ctrl-C: the run is saved and checkpointed; ``flowsim run --resume`` goes on).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the status line below says it
-        ds = config.simulate()
+        ds = config.simulate(resume=True) if args.resume else config.simulate()
     status = ds.attrs["status"]
     print(
-        f"{status}: {ds.sizes['time']} save points, t = {float(ds.time[-1]):g}"
+        f"{status}: {ds.sizes['time']} save points" + (f", t = {float(ds.time[-1]):g}" if ds.sizes["time"] else "")
         + (f" ({ds.attrs['status_message']})" if ds.attrs["status_message"] else "")
     )
     return EXIT_DIVERGED if status == "diverged" else 0
@@ -94,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("--out", help="output .zarr or .nc (overrides [run] out)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.add_argument("--resume", action="store_true", help="continue the run at the output from its checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
     info = sub.add_parser("info", help="summarise a record: dynamics, status, drift per law kind")

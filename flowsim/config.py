@@ -5,7 +5,7 @@
     [problem]     loss, weight_decay, chunk_size
     [dynamics]    name = GradientFlow | DiscreteSGD | …; other keys are its hyper-parameters
     [integrator]  optional; name = ODE | Discrete | …; other keys are its arguments
-    [run]         t1, save_every, observe, seed, device, dtype, out, overwrite, progress
+    [run]         t1, save_every, observe, seed, device, dtype, out, overwrite, checkpoint_every, progress
 
 A factory's data-shaped arguments (input size, number of outputs) come from the data when the
 config leaves them out, so ``[model] name = "cnn.vgg"`` alone works on digits.
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, FlowsimError
+from .errors import ConfigError, FlowsimError, bad_value
 
 SECTIONS = ("model", "data", "problem", "dynamics", "integrator", "run")
 PROBLEM_KEYS = ("loss", "weight_decay", "chunk_size")
-RUN_KEYS = ("t1", "save_every", "observe", "seed", "device", "dtype", "out", "overwrite", "progress")
+RUN_KEYS = ("t1", "save_every", "observe", "seed", "device", "dtype", "out", "overwrite", "checkpoint_every", "progress")
 RUN_KEYS += ("ensemble",)  # simulate(ensemble=K): K members from seeds (seed, k)
 
 
@@ -61,6 +61,8 @@ def _call_with(fn: Callable, section: str, args: Mapping[str, Any]) -> Any:
     missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and p not in args]
     if missing:
         raise ConfigError(f"{section}.{missing[0]}: missing; it has no default")
+    for key, value in args.items():
+        _check_like_default(f"{section}.{key}", value, params[key].default)
     try:
         return fn(**args)
     except FlowsimError:
@@ -69,12 +71,28 @@ def _call_with(fn: Callable, section: str, args: Mapping[str, Any]) -> Any:
         raise ConfigError(f"{section}: {fn.__name__} refused {dict(args)} ({type(exc).__name__}: {exc})") from exc
 
 
+def _check_like_default(field: str, value: Any, default: Any) -> None:
+    """A key whose default is a bool, a number or a string takes a value of that kind (an int
+    where the default is a float too); other checks are the function's own."""
+    if isinstance(default, bool):
+        expected, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        kind = int if isinstance(default, int) else (int, float)
+        expected, ok = ("an integer" if kind is int else "a number"), isinstance(value, kind) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        expected, ok = "a string", isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise bad_value(field, value, expected)
+
+
 def _named(section: str, table: Mapping[str, Any], choices: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     table = dict(table)
     name = table.pop("name", None)
     if name is None:
         raise ConfigError(f"{section}.name: missing; expected one of {', '.join(choices)}")
-    if name not in choices:
+    if not isinstance(name, str) or name not in choices:
         raise ConfigError(f"{section}.name: got {name!r}; expected one of {', '.join(choices)}")
     return choices[name], table
 

@@ -64,3 +64,10 @@ class IntegrationError(FlowsimError, RuntimeError):
     """An integration could not go on (step-size underflow, non-finite state, too many steps).
 
     ``simulate`` turns it into ``status="diverged"``, keeping every point saved before."""
+
+
+def check_flag(field: str, value: Any, cls: type[FlowsimError] = ConfigError) -> bool:
+    """Return `value` if it is a bool (true or false), else raise `cls`."""
+    if not isinstance(value, bool):
+        raise bad_value(field, value, "true or false", cls)
+    return value

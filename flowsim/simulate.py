@@ -8,21 +8,26 @@ import sys
 import time as _time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import xarray as xr
 
 from . import __version__
+from . import checkpoint as ckpt
 from .config import to_toml
 from .dynamics import Dynamics
 from .ensemble import check_ensemble, ensemble_start
-from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, check_number
+from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, RecordError, bad_value, check_flag, check_number
 from .integrators import Integrator, SaveGrid
 from .laws import Law, LawSet, detect
 from .problem import Problem
-from .record import Recorder, check_observe, check_output, json_attr
+from .record import Recorder, check_observe, check_output, json_attr, open_record, remove_output
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+#: the most save points a run may ask for (every time-dimension array is allocated to them)
+MAX_SAVE_POINTS = 10**7
 
 
 def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -40,6 +45,8 @@ def check_device(device: torch.device | str) -> torch.device:
         raise ConfigError(f"run.device: got {device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device: got {str(device)!r} but no CUDA device is available; use 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device: got {str(device)!r}; expected cuda:0 … cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"run.device: got {str(device)!r} but MPS is not available; use 'cpu'")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -55,6 +62,11 @@ def save_grid(dynamics: Dynamics, t1: float, save_every: float) -> SaveGrid:
     save_every = check_number("run.save_every", save_every, minimum=0.0, exclusive_minimum=True)
     if save_every > t1:
         raise ConfigError(f"run.save_every: got {save_every:g}; expected at most t1 = {t1:g}")
+    if t1 / save_every > MAX_SAVE_POINTS:
+        raise ConfigError(
+            f"run.save_every: got {save_every:g}, which gives {t1 / save_every:.3g} save points up to t1 = {t1:g}; "
+            f"expected at most {MAX_SAVE_POINTS:g}"
+        )
     if dynamics.continuous:
         n = math.floor(t1 / save_every + 1e-9)
         times = [k * save_every for k in range(n + 1)]
@@ -80,6 +92,8 @@ def _law_set(laws: str | Sequence[Law], problem: Problem) -> LawSet:
         if laws != "auto":
             raise ConfigError(f"run.laws: got {laws!r}; expected 'auto' or a list of flowsim Law objects")
         laws = detect(problem.model, loss=problem.loss_kind)
+    if not isinstance(laws, Sequence):
+        raise bad_value("run.laws", laws, "'auto' or a list of flowsim Law objects")
     laws = list(laws)
     for law in laws:
         if not isinstance(law, Law):
@@ -104,6 +118,8 @@ def simulate(
     dtype: torch.dtype | str = torch.float64,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_every: float = 60.0,
     progress: bool = True,
     config: str | None = None,
     ensemble: int | torch.Tensor | None = None,
@@ -124,18 +140,24 @@ def simulate(
 
     - `seed`: seeds batch order and noise. Same seed, device and dtype: the same Dataset.
     - `device`, `dtype`: where and in what precision to run (float64 for accuracy work).
-    - `out`: a ``.zarr`` (appended as the run goes) or ``.nc`` path; `overwrite` replaces it.
+    - `out`: a ``.zarr`` (written as the run goes) or ``.nc`` path; `overwrite` replaces it.
+    - `resume`: continue the run stored at `out` from its checkpoint (``<out>.ckpt``), with the
+      same arguments; the result equals the uninterrupted run (``wall_time`` aside). A run that
+      has ended ("completed", "diverged") is returned as it is.
+    - `checkpoint_every`: seconds between checkpoints (0: at every save point); one is also
+      written when the run is interrupted.
     - `progress`: a tqdm bar on a terminal. `config`: the run's TOML text, stored as an attr.
     - `ensemble`: K (or (K, P) initial parameters): K independent copies of the run moved at once
       by torch.func.vmap (flowsim.ensemble); member 0 starts from the model's parameters, member
       k ≥ 1 from a fresh initialisation seeded by (seed, k). The record gains a ``member`` dim.
 
     **Returns** the run's `xarray.Dataset` (schema in flowsim.record), with
-    ``attrs["status"]`` "completed", or "diverged" (NaN/Inf, step-size underflow) with
-    ``status_message`` saying when and why; everything saved before a divergence is kept.
+    ``attrs["status"]`` "completed", or "diverged" (NaN/Inf, step-size underflow, max_steps)
+    with ``status_message`` saying when and why; everything saved before a divergence is kept.
 
     **Raises** a `FlowsimError` subclass naming the bad argument, before any work starts;
-    KeyboardInterrupt after saving (status "interrupted").
+    KeyboardInterrupt after saving and checkpointing (status "interrupted"); any other error
+    of the run after the same (status "failed").
     """
     # --- 1. check every argument before touching anything
     if not isinstance(problem, Problem):
@@ -148,18 +170,26 @@ def simulate(
     device, dtype = check_device(device), check_dtype(dtype)
     seed = check_number("run.seed", seed, integer=True, minimum=0)
     observe = check_observe(observe)
-    out_path = check_output(out, resume=False, overwrite=overwrite)
+    overwrite, resume, progress = (check_flag(f"run.{k}", v) for k, v in (("overwrite", overwrite), ("resume", resume), ("progress", progress)))
+    checkpoint_every = check_number("run.checkpoint_every", checkpoint_every, minimum=0.0)
+    if config is not None and not isinstance(config, str):
+        raise bad_value("config", type(config).__name__, "the run's TOML text (str) or None")
+    out_path = check_output(out, resume=resume, overwrite=overwrite)
     grid = save_grid(dynamics, t1, save_every)
     integrator.check(dynamics, dtype)
     dynamics.check(problem)
     ensemble = check_ensemble(ensemble, dynamics, problem)
 
-    # --- 2. bind the problem to device and dtype; the initial point and its laws
+    # --- 2. bind the problem to device and dtype; the initial point and its laws; what to resume
     problem = problem.to(device=device, dtype=dtype)
     law_set = _law_set(laws, problem)
     theta0 = problem.initial_theta()
     if ensemble is not None:
         problem, theta0 = ensemble_start(problem, ensemble, seed)
+    identity = ckpt.fingerprint(problem, dynamics, integrator, t1, save_every, seed, device, dtype, observe, law_set, theta0)
+    start = ckpt.resume_point(out_path, identity, device) if resume else None
+    if isinstance(start, xr.Dataset):  # the run has ended already
+        return start
     attrs = {
         "flowsim_version": __version__,
         "torch_version": torch.__version__,
@@ -174,33 +204,51 @@ def simulate(
         "config": config if config is not None else to_toml(problem, dynamics, integrator, t1, save_every, seed, device, dtype),
     }
     coords = {**dynamics.coords(), "weight_decay": problem.weight_decay, "seed": seed}
+    if overwrite and out_path is not None:
+        remove_output(out_path)
     members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
     if ensemble is not None:
         members = problem.members
         attrs["ensemble"] = members[1]
-    recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, out_path, members=members)
+    recorder = Recorder(
+        problem, law_set, observe, theta0, coords, attrs, out_path, members=members, n_rows=len(grid.times), seed=seed
+    )
+    run = _Checkpointer(out_path, identity, recorder, checkpoint_every, start)
+    if start is not None:
+        recorder.restore(_saved_rows(out_path, start.n_saved), start.recorder)
 
-    # --- 3. integrate, recording at every save point
+    # --- 3. integrate, recording at every save point and checkpointing now and then
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=grid.times[-1], unit="t", disable=not progress or not sys.stderr.isatty(), leave=False)
-    start = _time.perf_counter()
-    status, message, last_time = "completed", "", grid.times[0]
+    first = recorder.n_saved
+    last_time = grid.times[first - 1] if first else grid.times[0]
+    bar = tqdm(total=grid.times[-1], initial=last_time, unit="t", disable=not progress or not sys.stderr.isatty(), leave=False)
+    resume_from = {} if start is None or start.integrator is None else {"start": start.integrator}
+    status, message = "completed", ""
     try:
-        for point in integrator.solve(dynamics, problem, theta0, grid, seed):
-            if not recorder.add(point, _time.perf_counter() - start):
+        for point in integrator.solve(dynamics, problem, theta0, grid, seed, **resume_from):
+            if not recorder.add(point, run.wall_time()):
                 status = "diverged"
                 message = (
                     f"non-finite loss or parameters at t={point.time:g} (step {point.step}); "
-                    f"the {recorder.n_saved + len(recorder.pending)} save points before it are kept"
+                    f"the {recorder.n_saved + len(recorder.pending)} save points before it, up to t={last_time:g}, are kept"
                 )
                 break
+            run.saved(point)
             bar.update(point.time - last_time)
             last_time = point.time
     except IntegrationError as exc:
         status, message = "diverged", f"{exc} (last saved t={last_time:g})"
     except KeyboardInterrupt:
-        recorder.finish("interrupted", f"stopped by the user after t={last_time:g}")
+        run.write()
+        recorder.finish("interrupted", f"stopped by the user after t={last_time:g}; resume=True continues it")
+        raise
+    except Exception as exc:
+        try:  # keep what was saved, and say why it stopped
+            run.write()
+            recorder.finish("failed", f"{type(exc).__name__} after t={last_time:g}: {exc}")
+        except Exception:
+            pass
         raise
     finally:
         bar.close()
@@ -208,7 +256,61 @@ def simulate(
     # --- 4. the record
     if status != "completed":
         warnings.warn(f"run {status}: {message}", RuntimeWarning, stacklevel=2)
-    return recorder.finish(status, message)
+    ds = recorder.finish(status, message)
+    run.remove()
+    return ds
+
+
+class _Checkpointer:
+    """Writes the checkpoint of `out` (flowsim.checkpoint) every `every` seconds of a run, at
+    its last recorded save point, after the rows up to it are in the store."""
+
+    def __init__(self, out: Path | None, identity: dict, recorder: Recorder, every: float, start: ckpt.Checkpoint | None) -> None:
+        self.path = None if out is None else ckpt.checkpoint_path(out)
+        self.identity, self.recorder, self.every = identity, recorder, every
+        self.last = None if start is None else start.integrator  # integrator checkpoint of the last recorded point
+        self.n_saved = 0 if start is None else start.n_saved
+        self.started = _time.perf_counter() - (0.0 if start is None else start.wall_time)
+        self.written = _time.perf_counter()
+        if start is None:
+            self.write()  # from t = 0: a run killed before its first checkpoint resumes from the start
+
+    def wall_time(self) -> float:
+        """Seconds the run has taken, counting those before it was resumed."""
+        return _time.perf_counter() - self.started
+
+    def saved(self, point) -> None:
+        """`point` is recorded: checkpoint there if it is time to."""
+        if point.checkpoint is not None:
+            self.last, self.n_saved = point.checkpoint, point.checkpoint["index"] + 1
+        if self.path is not None and _time.perf_counter() - self.written >= self.every:
+            self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        self.recorder.flush()
+        state = ckpt.Checkpoint(self.identity, self.n_saved, self.last, self.recorder.state(), self.wall_time())
+        ckpt.save(self.path, state)
+        self.written = _time.perf_counter()
+
+    def remove(self) -> None:
+        """The run has ended: nothing to resume."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _saved_rows(out: Path, n_saved: int) -> xr.Dataset | None:
+    """The first `n_saved` rows of the record at `out`, which a checkpoint continues after."""
+    if n_saved == 0:
+        return None
+    rows = open_record(out)
+    if rows.sizes["time"] < n_saved:
+        raise RecordError(
+            f"run.resume: {str(out)!r} holds {rows.sizes['time']} rows, fewer than the {n_saved} its checkpoint "
+            "continues after; pass overwrite=True to start again"
+        )
+    return rows.isel(time=slice(0, n_saved))
 
 
 __all__ = ["simulate", "save_grid", "FlowsimError"]

@@ -1,4 +1,23 @@
-"""What every integrator shares: the save grid it is asked for and the points it yields."""
+"""What every integrator shares: the save grid it is asked for and the points it yields.
+
+**The checkpoint contract** (every integrator; `simulate` relies on it to resume a run):
+
+1. Every `SavePoint` that `solve` yields carries ``checkpoint``: a dict of tensors, numbers,
+   strings, None and lists of these (what ``torch.load(weights_only=True)`` reads back) that
+   holds everything needed to go on after this point, with ``checkpoint["index"]`` the grid
+   index of the point. It is taken at every save point, so it must be cheap: references, not
+   copies, to tensors the integrator never modifies in place afterwards.
+2. ``solve(..., start=checkpoint)`` continues after that point as if the run had never
+   stopped: it yields the points ``index + 1, index + 2, …`` with the same values (bit for bit
+   on the same device and dtype for deterministic integrators) and the same ``step``/``nfe``
+   counts, which continue from the checkpoint's.
+3. Randomness (mini-batches, Brownian increments) is a pure function of ``(seed, position)``
+   (e.g. ``DiscreteSGD.batch(problem, k, seed)``), or its generator state is in the checkpoint,
+   so a resumed run draws the same numbers.
+
+An integrator that cannot continue yields ``checkpoint=None``; a resumed run then starts over
+from t = 0 (correct, only slower), and `solve` is never called with ``start``.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +49,8 @@ class SavePoint:
     integrator does not have it for free (the recorder then computes what it needs).
     `step` counts the integrator's steps so far, `nfe` its evaluations of the dynamics.
     For a dynamics with ``members = (dim, K)`` (SGDNoise's paths) θ, grad, velocity and loss
-    carry a leading batch dimension of K independent members: θ is (K, P)."""
+    carry a leading batch dimension of K independent members: θ is (K, P).
+    `checkpoint` is the integrator's state after this point (see the module docstring)."""
 
     time: float
     step: int
@@ -39,6 +59,7 @@ class SavePoint:
     grad: Tensor | None = None
     velocity: Tensor | None = None
     loss: Tensor | None = None
+    checkpoint: dict[str, Any] | None = None
 
 
 class Integrator(ABC):
@@ -61,5 +82,8 @@ class Integrator(ABC):
             )
 
     @abstractmethod
-    def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
-        """Move from θ0 at t=grid.times[0] and yield the state at every grid time."""
+    def solve(
+        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
+    ) -> Iterator[SavePoint]:
+        """Move from θ0 at t=grid.times[0] and yield the state at every grid time; with `start`
+        (a yielded ``SavePoint.checkpoint``), go on after that point instead."""

@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 from .base import Integrator, SaveGrid, SavePoint
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Discrete(Integrator):
     """Runs a discrete dynamics (DiscreteSGD) exactly: θ_{k+1} = step(θ_k). At a save step k
-    it records θ_k with the batch gradient and velocity of step k (those that move θ_k)."""
+    it records θ_k with the batch gradient and velocity of step k (those that move θ_k).
+
+    Its checkpoint after save step k is ``{"index", "step": k + 1, "state"}``, the fields of the
+    dynamics' state dataclass after step k (θ_{k+1}, the momentum buffer); the batches are a pure
+    function of (seed, step), so nothing else is needed to go on."""
 
     runs = "discrete"
 
-    def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
+    def solve(
+        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
+    ) -> Iterator[SavePoint]:
         state = dynamics.initial_state(problem, theta0)
-        saves = iter(zip(grid.steps, grid.times))
-        next_step, next_time = next(saves)
-        k = 0
-        while True:
+        first, k = 0, 0
+        if start is not None:
+            first, k = start["index"] + 1, start["step"]
+            state = dataclasses.replace(state, **start["state"])
+        for index in range(first, len(grid.times)):
             result = dynamics.step(problem, state, k, seed)
-            if k == next_step:
-                loss = result.batch_loss if result.full_batch else None
-                yield SavePoint(next_time, k, k + 1, state.theta, result.grad, result.velocity, loss)
-                following = next(saves, None)
-                if following is None:
-                    return
-                next_step, next_time = following
-            state = result.state
-            k += 1
+            while k < grid.steps[index]:
+                state, k = result.state, k + 1
+                result = dynamics.step(problem, state, k, seed)
+            loss = result.batch_loss if result.full_batch else None
+            fields = {f.name: getattr(result.state, f.name) for f in dataclasses.fields(result.state)}
+            checkpoint = {"index": index, "step": k + 1, "state": fields}
+            yield SavePoint(grid.times[index], k, k + 1, state.theta, result.grad, result.velocity, loss, checkpoint)
+            state, k = result.state, k + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,15 +32,21 @@ class FusedEulerMaruyama(Integrator):
     def __post_init__(self) -> None:
         check_number("integrator.dt", self.dt, minimum=0.0, exclusive_minimum=True)
 
-    def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
-        theta = theta0.expand(dynamics.paths, -1).clone()
+    def solve(
+        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
+    ) -> Iterator[SavePoint]:
+        """Its checkpoint at save index i is ``{"index": i, "step": k, "theta": θ_k}``: the
+        increments are a pure function of (seed, path, step), so nothing else is needed."""
         size = dynamics.noise_size(problem)
-        k = 0
-        yield SavePoint(grid.times[0], 0, 0, theta)
-        for t0, t1 in zip(grid.times[:-1], grid.times[1:]):
-            n, h = fixed_steps(t0, t1, self.dt)
+        if start is None:
+            theta, k, first = theta0.expand(dynamics.paths, -1).clone(), 0, 1
+            yield SavePoint(grid.times[0], 0, 0, theta, checkpoint={"index": 0, "step": 0, "theta": theta})
+        else:
+            theta, k, first = start["theta"], start["step"], start["index"] + 1
+        for index in range(first, len(grid.times)):
+            n, h = fixed_steps(grid.times[index - 1], grid.times[index], self.dt)
             for _ in range(n):
                 dw = brownian_increments(seed, dynamics.paths, k, size, h, theta.dtype, theta.device)
                 theta = torch.stack([dynamics.euler_maruyama_step(problem, th, h, w) for th, w in zip(theta, dw)])
                 k += 1
-            yield SavePoint(t1, k, k, theta)
+            yield SavePoint(grid.times[index], k, k, theta, checkpoint={"index": index, "step": k, "theta": theta})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,11 +127,15 @@ class SDE(Integrator):
         check_number("integrator.atol", self.atol, minimum=0.0, exclusive_minimum=True)
         check_number("integrator.dt_min", self.dt_min, minimum=0.0, exclusive_minimum=True)
 
-    def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
+    def solve(
+        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
+    ) -> Iterator[SavePoint]:
+        """Its checkpoint at save index i is ``{"index": i, "step": k, "nfe", "y"}``: the
+        increments are a pure function of (seed, path, step), or of (seed, interval) with
+        ``adaptive=True``, whose step size starts again from `dt` in every interval."""
         sde = _SGDNoiseSDE(dynamics, problem)
-        y = theta0.expand(dynamics.paths, -1).clone()
         size = dynamics.noise_size(problem)
-        increments = _StepIncrements(seed, dynamics.paths, size, y.dtype, y.device)
+        increments = _StepIncrements(seed, dynamics.paths, size, theta0.dtype, theta0.device)
         solver = _method_class(self.method)(
             sde=ForwardSDE(sde),
             bm=increments,
@@ -141,9 +146,13 @@ class SDE(Integrator):
             dt_min=self.dt_min,
             options={},
         )
-        k = 0
-        yield SavePoint(grid.times[0], 0, 0, y)
-        for interval, (t0, t1) in enumerate(zip(grid.times[:-1], grid.times[1:])):
+        if start is None:
+            y, k, first = theta0.expand(dynamics.paths, -1).clone(), 0, 1
+            yield SavePoint(grid.times[0], 0, 0, y, checkpoint={"index": 0, "step": 0, "nfe": 0, "y": y})
+        else:
+            y, k, first, sde.nfe = start["y"], start["step"], start["index"] + 1, start["nfe"]
+        for interval in range(first - 1, len(grid.times) - 1):
+            t0, t1 = grid.times[interval], grid.times[interval + 1]
             if self.adaptive:
                 solver.bm = BrownianInterval(
                     t0, t1, size=(dynamics.paths, size), dtype=y.dtype, device=y.device, entropy=_interval_seed(seed, interval)
@@ -159,7 +168,8 @@ class SDE(Integrator):
                     increments.step = k
                     y, _ = solver.step(t0 + j * h, t1 if j == n - 1 else t0 + (j + 1) * h, y, ())
                     k += 1
-            yield SavePoint(t1, k, sde.nfe, y)
+            checkpoint = {"index": interval + 1, "step": k, "nfe": sde.nfe, "y": y}
+            yield SavePoint(t1, k, sde.nfe, y, checkpoint=checkpoint)
 
 
 def _interval_seed(seed: int, interval: int) -> int:

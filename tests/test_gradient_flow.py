@@ -68,11 +68,10 @@ def test_every_torchdiffeq_method_runs(method):
         assert list(ds.nfe.values) == [0, 8, 16] and list(ds.step.values) == [0, 2, 4]  # 4 stages a step
 
 
-def test_float32_with_a_tolerance_it_cannot_reach_warns():
+def test_float32_with_a_tolerance_it_cannot_reach_is_refused():
     problem = build_problem("mlp", n=16)
     tight = ODE("dopri5", rtol=1e-10, atol=1e-10, options={"max_num_steps": 2})
-    with pytest.warns(UserWarning, match="float32"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with pytest.raises(fs.ConfigError, match="integrator.rtol: got 1e-10; expected at least 9.5e-07 in float32"):
         fs.simulate(problem, fs.GradientFlow(), tight, t1=0.1, save_every=0.1, dtype=torch.float32, progress=False)
 
 
