@@ -10,11 +10,12 @@ from . import errors
 from .errors import ConfigError, DataError, FlowsimError, IntegrationError, ModelError, RecordError
 from . import data, laws, models, integrators  # noqa: E402  (models/integrators need errors first)
 from .problem import Problem
-from .dynamics import DiscreteSGD, GradientFlow, SGDNoise
+from .dynamics import DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
 from .laws import Law
 from .simulate import simulate
 from .config import load_config, run_config
 from .record import open_record
+from .compare import compare
 from .sweep import sweep
 from . import accessor  # noqa: F401  (registers ds.flowsim)
 
@@ -34,11 +35,14 @@ __all__ = [
     "Problem",
     "GradientFlow",
     "DiscreteSGD",
+    "ModifiedFlow",
+    "MomentumFlow",
     "SGDNoise",
     "Law",
     "simulate",
     "load_config",
     "run_config",
     "open_record",
+    "compare",
     "sweep",
 ]

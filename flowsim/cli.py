@@ -1,4 +1,4 @@
-"""The command line: ``flowsim run | info | plot | sweep``.
+"""The command line: ``flowsim run | info | plot | compare | laws | sweep``.
 
 Exit status: 0 done, 2 bad input (one line naming the field), 3 the run diverged,
 130 interrupted (Ctrl-C: the run is saved and checkpointed; ``flowsim run --resume`` goes on).
@@ -87,6 +87,43 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, describe
+    from .errors import ConfigError
+
+    if args.output and not args.output.endswith(".nc"):
+        raise ConfigError(f"compare --output: got {args.output!r}; expected a path ending in .nc")
+    errors = compare(args.a, args.b, join=args.join)
+    print("\n".join(describe(errors)))
+    if args.output:
+        errors.to_netcdf(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _laws(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .laws import count, detect
+
+    problem = load_config(args.config).problem
+    laws = detect(problem.model, loss=problem.loss_kind, inputs=problem.X[:2])
+    width = max([len(law.site) for law in laws] + [4])
+    print(f"{'site':<{width}}  {'kind':<12}  components  exact")
+    for law in laws:
+        print(f"{law.site:<{width}}  {law.kind:<12}  {law.size:>10}  {'yes' if law.exact else f'no (eps {law.eps:g})'}")
+    if args.no_count:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the note below says it
+        result = count(problem.model, problem.X, loss=problem.loss_kind, laws=laws, seed=args.seed, max_params=args.max_params)
+    laws_found = "not computed" if result.n_laws is None else result.n_laws
+    print(f"parameters  {result.n_params}")
+    print(f"laws        {laws_found} (D − dim Lie(W)(θ); first-order bound {result.first_order_bound}, rank gap {result.gap:.1e})")
+    print(f"known       {result.n_known} (rank of the detected exact laws)")
+    print(f"complete    {result.complete}" + (f" ({result.note})" if result.note else ""))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsim", description="Neural-network training as a dynamical system.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +141,18 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("run")
     plot.add_argument("-o", "--output", required=True, help="figure path (.png, .pdf, …)")
     plot.set_defaults(func=_plot)
+    comp = sub.add_parser("compare", help="errors of run A against run B at matched times (laws, loss, params)")
+    comp.add_argument("a")
+    comp.add_argument("b", help="the reference run")
+    comp.add_argument("--join", choices=("exact", "inner"), default="exact", help="inner: only the times both saved")
+    comp.add_argument("-o", "--output", help="write the errors as a netCDF file (.nc)")
+    comp.set_defaults(func=_compare)
+    laws = sub.add_parser("laws", help="the laws of a config's model: site, kind, components, and their count")
+    laws.add_argument("config")
+    laws.add_argument("--no-count", action="store_true", help="skip the count of all laws (Lie algebra rank)")
+    laws.add_argument("--seed", type=int, default=0, help="random point and fields of the count")
+    laws.add_argument("--max-params", type=int, default=1000, help="largest model the count computes brackets for")
+    laws.set_defaults(func=_laws)
     sweep = sub.add_parser("sweep", help="run a config at every point of a grid on dask.distributed")
     sweep.add_argument("config")
     sweep.add_argument("--over", action="append", required=True, metavar="NAME=VALUES", help="lr=0.05,0.1 or seed=0:8 (repeatable)")

@@ -1,4 +1,5 @@
-"""Data sets that need no download: sklearn's digits and synthetic teacher-student tasks.
+"""Data sets that need no download: sklearn's digits, synthetic teacher-student tasks and
+seeded token sequences for attention.
 
 Every function returns ``(X, y)``: X a float tensor (default dtype) with the examples on its
 first axis, y integer labels (classification) or float targets (regression). A config names
@@ -73,4 +74,25 @@ def teacher_student(
     return X.to(torch.get_default_dtype()), y
 
 
-NAMES = ("digits", "teacher_student")
+def sequences(n: int = 256, length: int = 8, vocab: int = 8, task: str = "classification", seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Seeded random token sequences, one-hot encoded: X of shape (n, length, vocab).
+
+    ``task="classification"``: y is the most frequent token of the sequence (ties go to the
+    smallest), one of `vocab` classes — attention that averages over the sequence can read it.
+    ``task="regression"``: y[t] = (1/(t+1)) Σ_{s≤t} x[s], the running average of the one-hot
+    tokens, shape (n, length, vocab) — exactly what uniform causal attention computes.
+    """
+    n = check_number("data.n", n, integer=True, minimum=1, cls=DataError)
+    length = check_number("data.length", length, integer=True, minimum=1, cls=DataError)
+    vocab = check_number("data.vocab", vocab, integer=True, minimum=2, cls=DataError)
+    if task not in ("classification", "regression"):
+        raise bad_value("data.task", task, '"classification" or "regression"', DataError)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(vocab, (n, length), generator=generator)
+    X = nn.functional.one_hot(tokens, vocab).to(torch.get_default_dtype())
+    if task == "classification":
+        return X, X.sum(1).argmax(1)
+    return X, X.cumsum(1) / torch.arange(1, length + 1, dtype=X.dtype)[:, None]
+
+
+NAMES = ("digits", "teacher_student", "sequences")

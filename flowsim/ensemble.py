@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .dynamics import DiscreteSGD, Dynamics, GradientFlow
+from .dynamics import DiscreteSGD, Dynamics, GradientFlow, ModifiedFlow
 from .errors import ConfigError, check_number
 from .problem import Problem, _per_example_loss
 
 #: the dynamics an ensemble runs: those that touch the problem only through the batched methods
 #: below (``loss_and_grad``, ``loss``, ``loss_grad_hvp``) and update θ elementwise
-ENSEMBLE_DYNAMICS: tuple[type[Dynamics], ...] = (GradientFlow, DiscreteSGD)
+ENSEMBLE_DYNAMICS: tuple[type[Dynamics], ...] = (GradientFlow, ModifiedFlow, DiscreteSGD)
 
 
 class Ensemble:

@@ -1,21 +1,39 @@
 """Law: a quantity that a symmetry of the loss conserves under gradient flow.
 
 A law is a vector of components, each a signed sum of simple forms of one site's parameter
-tensors (a linear sum or a sum of squares, over the rows or columns that make a unit):
+tensors, taken over the rows or columns that make a *unit* (an output unit, or an input unit
+of a consumer):
 
-    translation   Σ_k W[k, j]                         (and Σ_k b[k])
-    scale         |W[c]|² + b[c]²
-    rescale       |W1[j]|² + b1[j]² − |W2[:, j]|²
+    translation   Σ_k W[k, j]                         (and Σ_k b[k])          form "sum"
+    scale         |W[c]|² + b[c]²                                              form "sq"
+    rescale       |W1[j]|² + b1[j]² − |W2[:, j]|²                              form "sq"
+    linear        (W1 W1ᵀ + b1 b1ᵀ − W2ᵀ W2)[a, b], a ≤ b                      form "gram"
+    attention_qk  ([W_q|b_q][W_q|b_q]ᵀ − [W_k|b_k][W_k|b_k]ᵀ)[a, b] per head   form "gram"
+    attention_vo  ([W_v|b_v][W_v|b_v]ᵀ − W_oᵀ W_o)[a, b] per head              form "gram"
 
-A set of laws compiles to two sparse matrices, values = A θ + B θ² (``LawSet``). The same
-forms applied to a gradient give the law's *companion* (``grad_sq`` in a record,
-|g_A|² or |g_A1|² − |g_A2|²) and applied to a velocity ``velocity_sq``; the discrete theory of
-DESIGN §5 needs nothing else. The form with every sign made positive and every sum made a sum
-of absolute values is the law's *magnitude*, the scale its drift is measured against.
+A "gram" term of r units has the r(r+1)/2 components of the symmetric matrix X Xᵀ, X the
+(r, k) matrix of the units' entries, in row-major upper-triangular order (0,0), (0,1), …,
+(0,r−1), (1,1), …. Its diagonal is the "sq" form of the same units, so the rescale law of a
+pair with no activation between is the diagonal of its linear law (both are reported: see
+flowsim.symmetry).
+
+A set of laws compiles to three sparse matrices (``LawSet``):
+
+    values(θ) = A θ + B (θ ⊙ θ) + C (θ[I] ⊙ θ[J])
+
+A holds the linear terms, B the squares (sq terms and the diagonal of gram terms) and C the
+cross products θ_i θ_j, i < j, of the off-diagonal gram components, over the index pairs
+(I, J). The same forms applied to a gradient give the law's *companion* (``grad_sq`` in a
+record: |g_A|², |g_A1|² − |g_A2|², G_q G_qᵀ − G_k G_kᵀ) and applied to a velocity
+``velocity_sq``; the discrete theory of DESIGN §5 needs nothing else. The form with every
+sign made positive and every monomial replaced by its absolute value, |A| |θ| + |B| θ² +
+|C| |θ[I] θ[J]|, is the law's *magnitude*, the scale its drift is measured against (for an
+off-diagonal component (a, b) this is Σ_k |X_ak X_bk| ≤ |X_a| |X_b|, the Cauchy–Schwarz bound).
 
 ``detect(model)`` finds the laws of a network (flowsim.symmetry); ``gradient_check`` verifies
 that a law's gradient is orthogonal to the loss gradient, the defining property
-⟨∇Q(θ), ∇L(θ)⟩ = 0 that makes dQ/dt = 0 under gradient flow.
+⟨∇Q(θ), ∇L(θ)⟩ = 0 that makes dQ/dt = 0 under gradient flow; ``count(model, inputs)``
+(flowsim.lie) finds how many independent laws there are, to show the detected ones complete.
 """
 
 from __future__ import annotations
@@ -31,47 +49,67 @@ from torch import Tensor
 
 KINDS = ("translation", "scale", "rescale", "linear", "attention_qk", "attention_vo")
 
-
-def _units_view(x: Tensor, axis: int, units: int) -> Tensor:
-    """`x` as (units, rest): axis 0 = output units, axis 1 = input units (in blocks)."""
-    if axis == 0:
-        return x.reshape(units, -1)
-    # input units: W is (out, in, ...); a flatten before a Linear makes each unit a block of
-    # consecutive input features, so (out, units, block·rest) groups them
-    return x.reshape(x.shape[0], units, -1).transpose(0, 1).reshape(units, -1)
-
-
-#: form name -> power of the entries it sums: "sum" Σ x (linear), "sq" Σ x² (quadratic)
-FORMS = {"sum": 1, "sq": 2}
+#: form name -> power of the entries it multiplies: "sum" Σ x (linear), "sq" Σ x² and
+#: "gram" Σ_k x_ak x_bk (quadratic)
+FORMS = {"sum": 1, "sq": 2, "gram": 2}
 
 
 @dataclass(frozen=True)
 class Term:
-    """sign · Σ x^power over the entries of one parameter tensor that make each unit; `axis` 0
-    groups by output unit (rows), 1 by input unit (columns, in equal blocks after a flatten);
-    `units` is the number of units (1: the whole tensor)."""
+    """sign · (a form) of the entries of one parameter tensor that make each unit.
+
+    - `axis` 0 groups by output unit (rows of W, entries of b), 1 by input unit (columns).
+    - `units` is the number of units (1: the whole tensor).
+    - `stride`: position p along `axis` belongs to unit (p // stride) % units. None: units are
+      equal consecutive blocks (a flatten after a conv makes each channel a block of input
+      features; a flatten after a Linear on sequences interleaves them, stride 1).
+    - `part` = (dim, start, stop): only that slice of the tensor, before grouping (one head's
+      rows of a query map, the key third of ``nn.MultiheadAttention.in_proj_weight``).
+
+    Forms: "sum" Σ x and "sq" Σ x² per unit (`units` components); "gram" the matrix of
+    inner products between units, Σ_k x_ak x_bk for a ≤ b (units(units+1)/2 components).
+    """
 
     param: str
     form: str
     axis: int = 0
     units: int = 1
     sign: int = 1
+    stride: int | None = None
+    part: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise ValueError(f"Term.form: got {self.form!r}; expected one of {', '.join(FORMS)}")
         if self.axis not in (0, 1) or self.sign not in (1, -1) or self.units < 1:
             raise ValueError(f"Term: bad axis/sign/units in {self}")
+        if (self.stride is not None and self.stride < 1) or (self.part is not None and len(self.part) != 3):
+            raise ValueError(f"Term: bad stride/part in {self}")
+
+    @property
+    def size(self) -> int:
+        """The number of components the term contributes to."""
+        return self.units * (self.units + 1) // 2 if self.form == "gram" else self.units
 
     def entries(self, shape: torch.Size) -> Tensor:
-        """(units, k): the flat indices, within the tensor, of the entries of each unit."""
-        return _units_view(torch.arange(math.prod(shape)).reshape(shape), self.axis, self.units)
+        """(units, k): the flat indices, within the tensor, of the entries of each unit; the
+        k-th entries of two units sit at the same place along every other axis."""
+        index = torch.arange(math.prod(shape)).reshape(shape)
+        if self.part is not None:
+            dim, start, stop = self.part
+            index = index.narrow(dim, start, stop - start)
+        index = index.reshape(-1) if index.ndim == 0 else index.movedim(self.axis, 0)
+        n = index.shape[0]
+        stride = self.stride if self.stride is not None else n // self.units
+        if stride == 0 or n % (self.units * stride):
+            raise ValueError(f"Term {self.param}: {n} entries along axis {self.axis} do not make {self.units} units of stride {stride}")
+        return index.reshape(n // (self.units * stride), self.units, stride, -1).transpose(0, 1).reshape(self.units, -1)
 
 
 @dataclass(frozen=True)
 class Law:
-    """Conserved quantities of one site: its components are its groups' units, in order; each
-    group is the sum of its terms (all terms of a group have the same number of units).
+    """Conserved quantities of one site: its components are its groups' components, in order;
+    each group is the sum of its terms (the terms of a group share their form and units).
 
     `exact` is False where a known term (normalisation eps) breaks the symmetry slightly; `eps`
     then says how much.
@@ -91,8 +129,8 @@ class Law:
         degrees = {FORMS[t.form] for g in self.groups for t in g}
         if len(degrees) != 1:
             raise ValueError(f"Law {self.site}: mixes linear and quadratic terms")
-        sizes = [len({t.units for t in g}) for g in self.groups]
-        if any(s != 1 for s in sizes) or sum(g[0].units for g in self.groups) != len(self.components):
+        shapes = [len({(t.form, t.units) for t in g}) for g in self.groups]
+        if any(s != 1 for s in shapes) or sum(g[0].size for g in self.groups) != len(self.components):
             raise ValueError(f"Law {self.site}: component labels do not match the terms' units")
         object.__setattr__(self, "degree", degrees.pop())
 
@@ -115,7 +153,7 @@ class Law:
         return law_set.value(theta)
 
     def magnitude(self, params: Mapping[str, Tensor]) -> Tensor:
-        """Σ |term| per component: what relative drift is measured against."""
+        """Σ |monomial| per component: what relative drift is measured against."""
         law_set, theta = self._alone(params)
         return law_set.magnitude(theta)
 
@@ -123,13 +161,20 @@ class Law:
         return [f"{self.kind}:{self.site}:{c}" for c in self.components]
 
 
+def gram_labels(units: int, prefix: str = "") -> list[str]:
+    """Component labels of a gram term, "(a,b)" for a ≤ b in its row-major order."""
+    rows, cols = torch.triu_indices(units, units)
+    return [f"{prefix}({a},{b})" for a, b in zip(rows.tolist(), cols.tolist())]
+
+
 class LawSet:
-    """Many laws on one flat parameter vector θ, compiled to two sparse (Q × P) matrices:
+    """Many laws on one flat parameter vector θ, compiled to three sparse matrices:
 
-        values(θ) = A θ + B (θ ⊙ θ)
+        values(θ) = A θ + B (θ ⊙ θ) + C (θ[I] ⊙ θ[J])
 
-    A holds the signs of the linear terms, B of the quadratic ones, each row one component.
-    Evaluating every law is then two sparse matrix-vector products, on any θ-like vector (a
+    A (Q × P) holds the signs of the linear terms, B (Q × P) of the squares, C (Q × n_pairs)
+    of the cross products θ_i θ_j over the index pairs (I, J), i < j, each row one component.
+    Evaluating every law is then three sparse matrix-vector products, on any θ-like vector (a
     gradient gives ``grad_sq``, a velocity ``velocity_sq``) or a (P, K) matrix of them.
     """
 
@@ -139,9 +184,13 @@ class LawSet:
         self.n_params = sum(math.prod(s) for s in shapes)
         offsets = dict(zip(names, itertools.accumulate([0, *(math.prod(s) for s in shapes)])))
         shape_of = dict(zip(names, shapes))
-        rows = {1: [], 2: []}
-        cols = {1: [], 2: []}
-        signs = {1: [], 2: []}
+        parts: dict[str, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {k: ([], [], []) for k in ("linear", "square", "cross")}
+
+        def add(kind: str, rows: Tensor, cols: Tensor, sign: int) -> None:
+            parts[kind][0].append(rows)
+            parts[kind][1].append(cols)
+            parts[kind][2].append(torch.full((rows.shape[0],), float(sign)))
+
         row = 0
         for law in self.laws:
             for group in law.groups:
@@ -149,38 +198,60 @@ class LawSet:
                     if term.param not in offsets:
                         raise KeyError(f"law {law.site!r} uses parameter {term.param!r}, which is not in θ")
                     entries = term.entries(shape_of[term.param]) + offsets[term.param]
-                    power = FORMS[term.form]
-                    rows[power].append(torch.arange(row, row + term.units).repeat_interleave(entries.shape[1]))
-                    cols[power].append(entries.reshape(-1))
-                    signs[power].append(torch.full((entries.numel(),), float(term.sign)))
-                row += group[0].units
-        self._coo = {p: _coo(rows[p], cols[p], signs[p], (self.size, self.n_params)) for p in (1, 2)}
-        self._compiled: dict[tuple[torch.dtype, torch.device, bool], tuple[Tensor, Tensor]] = {}
+                    k = entries.shape[1]
+                    if term.form != "gram":
+                        rows = torch.arange(row, row + term.units).repeat_interleave(k)
+                        add("linear" if term.form == "sum" else "square", rows, entries.reshape(-1), term.sign)
+                        continue
+                    a, b = torch.triu_indices(term.units, term.units)
+                    rows = (row + torch.arange(len(a))).repeat_interleave(k)
+                    first, second = entries[a].reshape(-1), entries[b].reshape(-1)
+                    diagonal = (a == b).repeat_interleave(k)
+                    add("square", rows[diagonal], first[diagonal], term.sign)
+                    add("cross", rows[~diagonal], torch.stack([first[~diagonal], second[~diagonal]]), term.sign)
+                row += group[0].size
+        shape = (self.size, self.n_params)
+        self._coo = {kind: _coo(parts[kind][0], parts[kind][1], parts[kind][2], shape) for kind in ("linear", "square")}
+        self._coo["cross"], self._pairs = _cross(parts["cross"], self.size, self.n_params)
+        self._compiled: dict[tuple[torch.dtype, torch.device, bool], tuple[Tensor, Tensor, Tensor | None, Tensor]] = {}
 
-    def _matrices(self, like: Tensor, absolute: bool = False) -> tuple[Tensor, Tensor]:
+    def _matrices(self, like: Tensor, absolute: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """(A, B, C or None when there are no cross terms, the (2, n_pairs) pair indices) on
+        `like`'s dtype and device; with `absolute`, |A|, |B|, |C|."""
         key = (like.dtype, like.device, absolute)
         if key not in self._compiled:
             with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul is all we use
                 warnings.simplefilter("ignore", UserWarning)
-                self._compiled[key] = tuple(
+                linear, square, cross = (
                     (m.abs() if absolute else m).to(dtype=like.dtype, device=like.device).to_sparse_csr()
-                    for m in (self._coo[1], self._coo[2])
+                    for m in (self._coo["linear"], self._coo["square"], self._coo["cross"])
                 )
+            self._compiled[key] = (linear, square, cross if self._pairs.shape[1] else None, self._pairs.to(like.device))
         return self._compiled[key]
 
     def value(self, theta: Tensor) -> Tensor:
         """All components at θ (P,) → (Q,), or at the columns of a (P, K) matrix → (Q, K)."""
-        linear, quadratic = self._matrices(theta)
-        return linear @ theta + quadratic @ (theta * theta)
+        linear, square, cross, (i, j) = self._matrices(theta)
+        out = linear @ theta + square @ (theta * theta)
+        return out if cross is None else out + cross @ (theta[i] * theta[j])
 
     def magnitude(self, theta: Tensor) -> Tensor:
-        """Σ |term| per component, |A| |θ| + |B| θ²: what relative drift is measured against."""
-        linear, quadratic = self._matrices(theta, absolute=True)
-        return linear @ theta.abs() + quadratic @ (theta * theta)
+        """Σ |monomial| per component, |A| |θ| + |B| θ² + |C| |θ[I] θ[J]|: what relative drift
+        is measured against."""
+        linear, square, cross, (i, j) = self._matrices(theta, absolute=True)
+        out = linear @ theta.abs() + square @ (theta * theta)
+        return out if cross is None else out + cross @ (theta[i] * theta[j]).abs()
 
     def jacobian(self, theta: Tensor) -> Tensor:
-        """∂ values / ∂θ = A + 2 B diag(θ), dense (Q, P)."""
-        return (self._coo[1].to(theta).to_dense() + 2 * self._coo[2].to(theta).to_dense() * theta).to(theta.dtype)
+        """∂ values / ∂θ = A + 2 B diag(θ) + C (diag(θ[J]) E_I + diag(θ[I]) E_J), dense (Q, P),
+        E_I the rows of the identity picked by I."""
+        jac = self._coo["linear"].to(theta).to_dense() + 2 * self._coo["square"].to(theta).to_dense() * theta
+        if self._pairs.shape[1]:
+            cross = self._coo["cross"].to(theta).to_dense()
+            i, j = self._pairs.to(theta.device)
+            jac.index_add_(1, i, cross * theta[j])
+            jac.index_add_(1, j, cross * theta[i])
+        return jac.to(theta.dtype)
 
     def coords(self) -> dict[str, list]:
         """Per-component labels for the record's `quantity` dimension."""
@@ -203,11 +274,35 @@ def _coo(rows: list[Tensor], cols: list[Tensor], values: list[Tensor], shape: tu
     return torch.sparse_coo_tensor(index, torch.cat(values).double(), shape, check_invariants=True).coalesce()
 
 
-def detect(model: torch.nn.Module, loss: str = "cross_entropy") -> list[Law]:
-    """The conservation laws of `model`'s symmetries under the given loss (see flowsim.symmetry)."""
+def _cross(parts: tuple[list[Tensor], list[Tensor], list[Tensor]], size: int, n_params: int) -> tuple[Tensor, Tensor]:
+    """C (Q × n_pairs, COO) and the (2, n_pairs) index pairs (i < j) of the cross terms."""
+    rows, pairs, signs = parts
+    if not rows:
+        return _coo([], [], [], (size, 0)), torch.zeros((2, 0), dtype=torch.long)
+    pairs = torch.cat(pairs, dim=1)
+    if (pairs[0] == pairs[1]).any():
+        raise ValueError("a gram term puts one parameter entry in two units")
+    low, high = pairs.min(0).values, pairs.max(0).values
+    unique, column = torch.unique(low * n_params + high, return_inverse=True)
+    return _coo([torch.cat(rows)], [column], [torch.cat(signs)], (size, len(unique))), torch.stack([unique // n_params, unique % n_params])
+
+
+def detect(model: torch.nn.Module, loss: str = "cross_entropy", inputs: Tensor | None = None) -> list[Law]:
+    """The conservation laws of `model`'s symmetries under the given loss (see flowsim.symmetry).
+
+    `inputs` (a few examples, batch first) give every tensor's shape to the graph walk; without
+    them flowsim probes the model with small inputs guessed from its first layer."""
     from .symmetry import detect_laws
 
-    return detect_laws(model, loss=loss)
+    return detect_laws(model, loss=loss, inputs=inputs)
+
+
+def count(model: torch.nn.Module, inputs: Tensor, loss: str = "cross_entropy", **options):
+    """How many independent conservation laws `model` has, and whether the detected ones are
+    all of them: a ``LawCount`` (see flowsim.lie)."""
+    from .lie import count_laws
+
+    return count_laws(model, inputs, loss=loss, **options)
 
 
 def gradient_check(laws: Sequence[Law], problem, theta: Tensor | None = None) -> Tensor:

@@ -91,7 +91,7 @@ def _law_set(laws: str | Sequence[Law], problem: Problem) -> LawSet:
     if isinstance(laws, str):
         if laws != "auto":
             raise ConfigError(f"run.laws: got {laws!r}; expected 'auto' or a list of flowsim Law objects")
-        laws = detect(problem.model, loss=problem.loss_kind)
+        laws = detect(problem.model, loss=problem.loss_kind, inputs=problem.X[:2])
     if not isinstance(laws, Sequence):
         raise bad_value("run.laws", laws, "'auto' or a list of flowsim Law objects")
     laws = list(laws)
@@ -100,7 +100,7 @@ def _law_set(laws: str | Sequence[Law], problem: Problem) -> LawSet:
             raise ConfigError(f"run.laws: got an item of type {type(law).__name__}; expected flowsim.Law")
     try:
         return LawSet(laws, problem.names, problem.shapes)
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, ValueError) as exc:
         raise ModelError(f"run.laws: cannot be evaluated on this model's parameters ({exc})") from exc
 
 
@@ -178,6 +178,7 @@ def simulate(
     grid = save_grid(dynamics, t1, save_every)
     integrator.check(dynamics, dtype)
     dynamics.check(problem)
+    integrator.check_problem(dynamics, problem)
     ensemble = check_ensemble(ensemble, dynamics, problem)
 
     # --- 2. bind the problem to device and dtype; the initial point and its laws; what to resume

@@ -1,79 +1,158 @@
 """Find the symmetries of an ``nn.Module`` from its torch.fx graph and build their laws.
 
 The graph is read, not the module names, so any module built from the same parts works.
-For every parametrised *producer* P (Linear, Conv with groups=1, an affine normalisation
-layer) the walk follows P's output through ops that commute with a positive per-unit scaling
-(ReLU, leaky ReLU, identity, max/avg pooling, flatten) to the places where it is consumed:
 
-- every consumer a Linear/Conv layer → **rescale**: scaling unit j of P by α and the matching
-  inputs of every consumer by 1/α changes nothing, so |W_P[j]|² + b_P[j]² − Σ_C |W_C[:, j]|²
-  is conserved (the units of a consumer after a flatten are blocks of its input features);
-- every consumer a per-channel normalisation (BatchNorm, InstanceNorm) → **scale**:
-  |W_P[c]|² + b_P[c]² per channel; a LayerNorm over exactly P's units → one whole-layer
-  scale law. eps > 0 breaks these at relative order eps/Var: they are marked ``exact=False``;
-- P's output is the model's output and the loss is a softmax cross-entropy → **translation**:
-  the logits can be shifted together, so each column sum Σ_k W[k, j] and Σ_k b[k] is conserved.
+**Sources.** Every parametrised layer whose output has *units* is a source: a Linear or an
+Embedding (units on the last axis), a Conv with groups=1 or an affine BatchNorm (channels,
+axis 1), an affine LayerNorm (last axis), the output of an ``nn.MultiheadAttention``.
 
-Anything else on the way (an added bias or tensor, tanh, a residual add, a custom function)
-stops the walk and makes no law: residual blocks keep the laws inside them and none across
-their skip connections.
+**The walk.** From each source the walk follows the source's output through the graph with a
+*unit map*: an integer tensor shaped like the value at that point, holding the source unit
+each entry comes from (the shapes come from running the graph once on meta tensors). Every op
+on the way is applied to the unit map too, and is allowed only if it commutes with the
+symmetry being followed:
+
+- data movement (view, reshape, flatten, transpose, permute, indexing) and multiplication by
+  a number commute with any invertible mixing of the units (``general``);
+- averaging or summing over axes that carry a single unit (sequence means, avg-pooling) and a
+  product A @ v whose unit axis passes through (attention values) commute with mixing too; an
+  A @ v product confines the mixing to the units of one slice (one head);
+- ReLU, leaky ReLU and max-pooling commute only with a positive scaling per unit.
+
+Anything else (an added tensor, a residual add, tanh, softmax, an unknown function) stops the
+walk: no law is made through it, so residual blocks keep the laws inside them and none across
+their skips. The walk ends where the units are absorbed:
+
+- a Linear / Conv / attention input map consuming them → **rescale** (|W_P[j]|² + b_P[j]² −
+  Σ_C |W_C[:, j]|²) and, where the whole path is linear and the source a Linear/Conv/Embedding,
+  the matrix law of the same pair: **linear** (W_P W_Pᵀ + b_P b_Pᵀ − Σ_C W_Cᵀ W_C; its diagonal
+  is the rescale law), or **attention_vo** per head when the path crossed attention values;
+- the left and right operands of one product q kᵀ (a matmul contracting the unit axes, or
+  ``scaled_dot_product_attention``), each from its own source → **attention_qk** per head
+  ([W_q|b_q][W_q|b_q]ᵀ − [W_k|b_k][W_k|b_k]ᵀ); the key bias, when the scores meet only a
+  softmax over the keys, shifts every score of a query equally, so it is conserved itself
+  (a **translation** law);
+- a per-channel normalisation → **scale** per unit; a LayerNorm → a whole-layer scale law
+  (per unit when each normalised group holds one unit). eps > 0 breaks these at relative
+  order eps/Var: they are marked ``exact=False``;
+- the model's output, when the loss is a softmax cross-entropy → **translation**: the logits
+  can be shifted together, so each column sum Σ_k W[k, j] and Σ_k b[k] is conserved.
+
+``nn.MultiheadAttention`` is a leaf of the graph: its packed ``in_proj_weight`` is split into
+query, key and value thirds and each third into heads, which gives the same laws as the same
+attention written out with matmul and softmax.
+
+**What flowsim refuses.** A model torch.fx cannot trace (data-dependent Python control flow)
+or one that calls a custom ``autograd.Function`` (its backward is invisible to the graph) is a
+ModelError naming the part. A module used twice, or whose parameters are read outside its own
+call, makes no law; a leaf module flowsim does not understand makes none through it. Both are
+reported by a warning: the laws returned are then the ones found so far, never a wrong one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import copy
+import operator
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import ModelError
-from .laws import Law, Term
+from .laws import Law, Term, gram_labels
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-HOMOGENEOUS_MODULES = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.Identity,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-)
-HOMOGENEOUS_FUNCTIONS = {
-    F.relu,
-    torch.relu,
-    F.leaky_relu,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: modules, functions and methods that multiply each entry by a positive scalar of its own
+POSITIVE_MODULES = (nn.ReLU, nn.LeakyReLU)
+POSITIVE_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu}
+POSITIVE_METHODS = {"relu"}
+#: pooling over the trailing axes: module / function -> (number of pooled axes, linear?)
+POOL_MODULES = {
+    nn.MaxPool1d: (1, False),
+    nn.MaxPool2d: (2, False),
+    nn.MaxPool3d: (3, False),
+    nn.AdaptiveMaxPool1d: (1, False),
+    nn.AdaptiveMaxPool2d: (2, False),
+    nn.AvgPool1d: (1, True),
+    nn.AvgPool2d: (2, True),
+    nn.AvgPool3d: (3, True),
+    nn.AdaptiveAvgPool1d: (1, True),
+    nn.AdaptiveAvgPool2d: (2, True),
 }
-HOMOGENEOUS_METHODS = {"relu"}
-FLATTEN_FUNCTIONS = {torch.flatten}
-FLATTEN_METHODS = {"flatten", "view", "reshape"}
-METADATA_METHODS = {"size", "dim"}  # users that read a tensor's shape, not its values
+POOL_FUNCTIONS = {
+    F.max_pool1d: (1, False),
+    F.max_pool2d: (2, False),
+    F.max_pool3d: (3, False),
+    F.adaptive_max_pool1d: (1, False),
+    F.adaptive_max_pool2d: (2, False),
+    F.avg_pool1d: (1, True),
+    F.avg_pool2d: (2, True),
+    F.avg_pool3d: (3, True),
+    F.adaptive_avg_pool1d: (1, True),
+    F.adaptive_avg_pool2d: (2, True),
+}
+#: pure data movement: the op is applied to the unit map as it is (ints and tuples as arguments)
+MOVE_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze}
+MOVE_METHODS = {"transpose", "permute", "swapaxes", "movedim", "squeeze", "unsqueeze", "contiguous", "t"}
+MOVE_ATTRIBUTES = {"T", "mT"}
+#: data movement whose result shape is read off the graph (their arguments may be other nodes)
+RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+RESHAPE_METHODS = {"view", "reshape", "flatten"}
+SCALAR_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div, operator.neg, torch.neg}
+SCALAR_METHODS = {"mul", "div", "neg"}
+REDUCE_FUNCTIONS = {torch.mean, torch.sum}
+REDUCE_METHODS = {"mean", "sum"}
+MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
+MATMUL_METHODS = {"matmul", "bmm"}
+ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention}
+SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
+#: users that read a tensor's shape, dtype or device, not its values
+METADATA_METHODS = {"size", "dim", "ones_like", "zeros_like", "new_ones", "new_zeros", "new_empty", "new_full"}
+METADATA_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like}
+METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+#: leaf modules that hold no parameters and need no rule (anything else unknown stops the walk)
+UNDERSTOOD_LEAVES = (*LAYERS, _NormBase, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
 
 
-@dataclass
-class _Consumer:
-    node: torch.fx.Node | None  # None: the model's output
-    flattened: bool
-    kind: str  # "layer", "norm", "layer_norm", "output"
+class _Stop(Exception):
+    """The walk met something that does not commute with the symmetry: no law."""
+
+
+# ------------------------------------------------------------------------------------ tracing
+@contextlib.contextmanager
+def _refuse_custom_functions() -> Iterator[None]:
+    """While tracing, a custom autograd.Function applied to a traced value is a ModelError:
+    torch.fx would record its forward and silently drop its backward."""
+    original = vars(torch.autograd.Function)["apply"]  # the classmethod itself, restored as it was
+
+    def apply(cls, *args, **kwargs):
+        if any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
+            raise ModelError(
+                f"model: calls the custom autograd function {cls.__name__}; flowsim cannot see its backward pass, "
+                "so it cannot find the laws of this model (wrap it in a leaf module to make no law through it)"
+            )
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
 
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        return torch.fx.symbolic_trace(model)
+        with _refuse_custom_functions():
+            return torch.fx.symbolic_trace(model)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(
             f"model: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
@@ -82,166 +161,725 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
         ) from exc
 
 
-def _units(module: nn.Module) -> int | None:
-    """How many units a producer has, or None if it is not a producer flowsim understands."""
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs a graph and keeps the shape of every tensor it computes (None for other values)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[str, torch.Size | None] = {}
+
+    def run_node(self, node: torch.fx.Node):
+        result = super().run_node(node)
+        self.shapes[node.name] = result.shape if isinstance(result, Tensor) else None
+        return result
+
+
+def _run_for_shapes(gm: torch.fx.GraphModule, inputs: Tensor) -> dict[str, torch.Size | None]:
+    """Run a copy of the graph once on `inputs` and read the shape of every node's value; the
+    model itself is not touched (no running statistics move)."""
+    recorder = _ShapeRecorder(copy.deepcopy(gm))
+    reference = next(gm.parameters(), None)
+    if reference is not None:
+        inputs = inputs.to(reference.device, reference.dtype if inputs.is_floating_point() else None)
+    try:
+        with torch.no_grad():
+            recorder.run(inputs.detach())
+    except Exception as exc:  # the user's model: any failure is a ModelError
+        raise ModelError(f"model: fails on inputs of shape {tuple(inputs.shape)} ({type(exc).__name__}: {exc})") from exc
+    return recorder.shapes
+
+
+def _first_leaf(gm: torch.fx.GraphModule) -> tuple[nn.Module, bool]:
+    """The first parametrised leaf module fed by the input, and whether a flatten comes first."""
+    modules = dict(gm.named_modules())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ModelError(f"model: takes {len(placeholders)} inputs; pass inputs= to find its laws")
+    frontier, flattened = [placeholders[0]], False
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            module = modules.get(user.target) if user.op == "call_module" else None
+            if module is not None and isinstance(module, UNDERSTOOD_LEAVES):
+                return module, flattened
+            flattened = flattened or isinstance(module, nn.Flatten) or user.target in ("flatten", "view", "reshape")
+            frontier.append(user)
+    raise ModelError("model: has no layer flowsim knows on its input; pass inputs= to find its laws")
+
+
+def _guessed_inputs(gm: torch.fx.GraphModule) -> Iterator[Tensor]:
+    """Small inputs that a model may accept, guessed from its first layer."""
+    first, flattened = _first_leaf(gm)
+    sizes = (8, 16, 32, 28, 64, 4, 12, 24, 5, 6, 7, 10)
+    if isinstance(first, nn.Linear):
+        yield torch.zeros(2, first.in_features)
+        if not flattened:
+            yield from (torch.zeros(2, s, first.in_features) for s in sizes)
+    elif isinstance(first, CONVS):
+        dims = CONVS.index(type(first)) + 1
+        yield from (torch.zeros(2, first.in_channels, *(s,) * dims) for s in sizes)
+    elif isinstance(first, nn.Embedding):
+        yield from (torch.zeros(2, s, dtype=torch.long) for s in sizes)
+    elif isinstance(first, nn.MultiheadAttention):
+        for s in sizes:
+            yield torch.zeros(2, s, first.embed_dim) if first.batch_first else torch.zeros(s, 2, first.embed_dim)
+    elif isinstance(first, nn.LayerNorm):
+        yield torch.zeros(2, *first.normalized_shape)
+        yield from (torch.zeros(2, s, *first.normalized_shape) for s in sizes)
+    elif isinstance(first, _NormBase):
+        yield torch.zeros(2, first.num_features)
+        for dims in (1, 2, 3):
+            yield from (torch.zeros(2, first.num_features, *(s,) * dims) for s in sizes)
+
+
+def _shapes(gm: torch.fx.GraphModule, inputs: Tensor | None) -> dict[str, torch.Size]:
+    if inputs is not None:
+        if not isinstance(inputs, Tensor) or inputs.ndim < 1:
+            raise ModelError(f"inputs: got {type(inputs).__name__}; expected a tensor of example inputs, batch first")
+        return _run_for_shapes(gm, inputs[:2])
+    for guess in _guessed_inputs(gm):
+        with contextlib.suppress(ModelError):
+            return _run_for_shapes(gm, guess)
+    raise ModelError("model: flowsim could not guess the shape of its inputs; pass inputs= (a few examples)")
+
+
+# ------------------------------------------------------------------------------------ sources
+@dataclass(frozen=True)
+class _Source:
+    """A parametrised node whose output has units: the tensors holding each unit's incoming
+    parameters, each with the axis along which it is split into units."""
+
+    node: torch.fx.Node
+    name: str
+    units: int
+    axis: int  # the axis of the node's value that carries the units
+    tensors: tuple[tuple[str, int], ...]  # (parameter, its unit axis)
+    general: bool  # any invertible mixing of the units is a symmetry of the source's own map
+
+    def terms(self, form: str, start: int = 0, stop: int | None = None, sign: int = 1) -> tuple[Term, ...]:
+        stop = self.units if stop is None else stop
+        whole = (start, stop) == (0, self.units)
+        return tuple(
+            Term(param, form, axis=axis, units=stop - start, sign=sign, part=None if whole else (axis, start, stop))
+            for param, axis in self.tensors
+        )
+
+
+def _prefixed(module_name: str, attribute: str) -> str:
+    return f"{module_name}.{attribute}" if module_name else attribute
+
+
+def _source(node: torch.fx.Node, module: nn.Module) -> _Source | None:
+    name = node.target
+    own = [("weight", 0), ("bias", 0)]
     if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return module.out_channels if module.groups == 1 else None
-    if isinstance(module, _NormBase) and module.affine:
-        return module.num_features
-    if isinstance(module, nn.LayerNorm) and module.elementwise_affine and len(module.normalized_shape) == 1:
-        return module.normalized_shape[0]
-    return None
+        units, axis, general = module.out_features, -1, True
+    elif isinstance(module, CONVS):
+        if module.groups != 1:
+            return None
+        units, axis, general = module.out_channels, 1, True
+    elif isinstance(module, _NormBase) and module.affine:
+        units, axis, general = module.num_features, 1, False
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine and len(module.normalized_shape) == 1:
+        units, axis, general = module.normalized_shape[0], -1, False
+    elif isinstance(module, nn.Embedding) and module.max_norm is None:
+        units, axis, general, own = module.embedding_dim, -1, True, [("weight", 1)]
+    else:
+        return None
+    tensors = tuple((_prefixed(name, t), a) for t, a in own if getattr(module, t, None) is not None)
+    return _Source(node, name, units, axis, tensors, general)
+
+
+def _attention_output_source(node: torch.fx.Node, module: nn.MultiheadAttention) -> _Source:
+    """The first output of an nn.MultiheadAttention: out_proj's rows are its units."""
+    name = node.args[0].target
+    tensors = ((_prefixed(name, "out_proj.weight"), 0),)
+    if module.out_proj.bias is not None:
+        tensors += ((_prefixed(name, "out_proj.bias"), 0),)
+    return _Source(node, name, module.embed_dim, -1, tensors, True)
+
+
+# ------------------------------------------------------------------------------------ the walk
+@dataclass(frozen=True)
+class _Flow:
+    """A source's units at one node: `units` (shaped like the value) is the unit of each entry;
+    `blocks` (n_units,) says which units may mix; `general` is False once a positively
+    homogeneous nonlinearity was crossed; `mixed` once an attention product A @ v was."""
+
+    units: Tensor
+    blocks: Tensor
+    general: bool = True
+    mixed: bool = False
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The units enter a layer: `columns` gives the unit of each input column (or channel)."""
+
+    node: torch.fx.Node
+    param: str
+    columns: Tensor
+    rows: tuple[int, int] | None  # only these rows of `param` see the units (attention input thirds)
+    flow: _Flow
+
+
+@dataclass(frozen=True)
+class _Norm:
+    node: torch.fx.Node
+    per_unit: bool
+    eps: float
+    flow: _Flow
+
+
+@dataclass(frozen=True)
+class _Output:
+    flow: _Flow
+
+
+@dataclass(frozen=True)
+class _Contract:
+    """The units are summed against another operand's: `pairs` (batch..., c) is the unit at
+    each contracted position c of every slice; `side` "query" (left) or "key" (right)."""
+
+    node: torch.fx.Node
+    side: str
+    pairs: Tensor
+    flow: _Flow
+
+
+def _constant_along(units: Tensor, dims: tuple[int, ...]) -> bool:
+    return bool((units.amax(dim=dims) == units.amin(dim=dims)).all()) if dims else True
+
+
+def _refine(blocks: Tensor, slices: Tensor) -> Tensor:
+    """Split `blocks` so that units in different rows of `slices` (n, c) never share a block."""
+    rows = torch.unique(slices.reshape(-1, slices.shape[-1]), dim=0)
+    slice_of = torch.full_like(blocks, -1)
+    for i, row in enumerate(rows):
+        if (slice_of[row] >= 0).any() or len(set(row.tolist())) != len(row):
+            raise _Stop("a unit sits in two slices")
+        slice_of[row] = i
+    if (slice_of < 0).any():
+        raise _Stop("a unit is dropped")
+    return torch.unique(torch.stack([blocks, slice_of], 1), dim=0, return_inverse=True)[1]
 
 
 class _Graph:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, inputs: Tensor | None) -> None:
         self.gm = _trace(model)
         self.modules = dict(self.gm.named_modules())
+        self.shape_of = _shapes(self.gm, inputs)
+        self.shared = self._shared_modules()
 
+    # ------------------------------------------------------------------ graph facts
     def module(self, node: torch.fx.Node) -> nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None
 
+    def shape(self, node: torch.fx.Node) -> torch.Size:
+        shape = self.shape_of.get(node.name)
+        if shape is None:
+            raise _Stop(f"no tensor shape for {node.name}")
+        return shape
+
+    def _shared_modules(self) -> set[str]:
+        """Modules called more than once, or whose parameters the graph reads directly: a law
+        about one call would ignore the others, so none is made for them."""
+        calls: dict[str, int] = {}
+        owners = set()
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+            elif node.op == "get_attr":
+                owners.add(node.target.rpartition(".")[0])
+        return {name for name, n in calls.items() if n > 1 or name in owners}
+
     def value_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
-        return [
-            u
-            for u in node.users
-            if not (u.op == "call_method" and u.target in METADATA_METHODS)
-            and not (u.op == "call_function" and u.target is getattr)
-        ]
+        def metadata(user: torch.fx.Node) -> bool:
+            if user.op == "call_method":
+                return user.target in METADATA_METHODS
+            if user.op == "call_function":
+                if user.target is getattr:
+                    return user.args[1] in METADATA_ATTRIBUTES
+                return user.target in METADATA_FUNCTIONS
+            return False
 
-    def step(self, node: torch.fx.Node, user: torch.fx.Node) -> str | None:
-        """How `user` treats `node`'s value: "homogeneous", "flatten", or None (stop)."""
-        if not user.args or user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
-            return None
-        module = self.module(user)
-        if module is not None:
-            if isinstance(module, HOMOGENEOUS_MODULES):
-                return "homogeneous"
-            if isinstance(module, nn.Flatten):
-                return "flatten"
-            return None
-        if user.op == "call_function":
-            if user.target in HOMOGENEOUS_FUNCTIONS:
-                return "homogeneous"
-            if user.target in FLATTEN_FUNCTIONS:
-                return "flatten"
-        if user.op == "call_method":
-            if user.target in HOMOGENEOUS_METHODS:
-                return "homogeneous"
-            if user.target in FLATTEN_METHODS:
-                return "flatten"
-        return None
+        return [u for u in node.users if not metadata(u)]
 
-    def consumers(self, node: torch.fx.Node, flattened: bool = False) -> list[_Consumer] | None:
-        """Where `node`'s value ends up through symmetry-preserving ops; None if anywhere else."""
-        found: list[_Consumer] = []
+    # ------------------------------------------------------------------ the walk
+    def walk(self, node: torch.fx.Node, flow: _Flow) -> list:
+        """Every end that `node`'s units reach (raises _Stop if one of them breaks the symmetry)."""
         users = self.value_users(node)
         if not users:
-            return None
+            raise _Stop(f"{node.name} is not used")
+        ends = []
         for user in users:
-            if user.op == "output":
-                if user.args[0] is not node:  # part of a tuple or dict output
-                    return None
-                found.append(_Consumer(None, flattened, "output"))
-                continue
-            module = self.module(user)
-            if module is not None and user.args and user.args[0] is node and len(user.args) == 1 and not user.kwargs:
-                if isinstance(module, LAYERS) and _units(module) is not None:
-                    found.append(_Consumer(user, flattened, "layer"))
-                    continue
-                if isinstance(module, _NormBase):
-                    found.append(_Consumer(user, flattened, "norm"))
-                    continue
-                if isinstance(module, nn.LayerNorm):
-                    found.append(_Consumer(user, flattened, "layer_norm"))
-                    continue
-            how = self.step(node, user)
-            if how is None:
-                return None
-            deeper = self.consumers(user, flattened or how == "flatten")
-            if deeper is None:
-                return None
-            found += deeper
-        return found
+            ends += self.follow(node, user, flow)
+        return ends
+
+    def follow(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow) -> list:
+        if user.op == "output":
+            if user.args[0] is not node:
+                raise _Stop("part of a structured output")
+            return [_Output(flow)]
+        positions = [i for i, a in enumerate(user.args) if a is node] + [k for k, a in user.kwargs.items() if a is node]
+        if _nested(node, user):
+            raise _Stop(f"{user.name} takes {node.name} inside a container")
+        module = self.module(user)
+        if module is not None:
+            return self.follow_module(node, user, module, flow, positions)
+        if user.op not in ("call_function", "call_method"):
+            raise _Stop(f"{user.name}: {user.op}")
+        target = user.target
+        method = user.op == "call_method"
+        if positions == [0] and (target in POSITIVE_METHODS if method else target in POSITIVE_FUNCTIONS):
+            return self.walk(user, replace(flow, general=False))
+        if positions == [0] and (target in MOVE_METHODS if method else target in MOVE_FUNCTIONS or _is_move_attribute(user)):
+            return self.walk(user, replace(flow, units=self.moved(node, user, flow.units)))
+        if positions == [0] and (target in RESHAPE_METHODS if method else target in RESHAPE_FUNCTIONS):
+            return self.walk(user, replace(flow, units=flow.units.reshape(self.shape(user))))
+        if not method and target is operator.getitem and positions == [0]:
+            return self.walk(user, replace(flow, units=self.indexed(user, flow)))
+        if (target in SCALAR_METHODS if method else target in SCALAR_FUNCTIONS) and _by_a_number(user, positions):
+            return self.walk(user, flow)
+        if (target in REDUCE_METHODS if method else target in REDUCE_FUNCTIONS) and positions == [0]:
+            return self.walk(user, replace(flow, units=self.reduced(user, flow.units)))
+        if not method and target in POOL_FUNCTIONS and positions == [0]:
+            return self.pooled(user, flow, *POOL_FUNCTIONS[target])
+        if (target in MATMUL_METHODS if method else target in MATMUL_FUNCTIONS) and positions in ([0], [1]):
+            return self.product(node, user, flow, positions[0])
+        if not method and target in ATTENTION_FUNCTIONS:
+            return self.attention(node, user, flow, positions)
+        raise _Stop(f"{user.name} ({target}) does not commute with the symmetry")
+
+    def follow_module(self, node, user, module: nn.Module, flow: _Flow, positions: list) -> list:
+        if user.target in self.shared:
+            raise _Stop(f"{user.target} is shared")
+        if isinstance(module, nn.MultiheadAttention):
+            return [self.attention_input(user, module, flow, positions)]
+        if positions != [0] or len(user.args) != 1 or user.kwargs:
+            raise _Stop(f"{user.name} takes more than its input")
+        if isinstance(module, LAYERS):
+            if isinstance(module, CONVS) and module.groups != 1:
+                raise _Stop("grouped convolution")
+            return [self.layer_input(user, module, flow)]
+        if isinstance(module, _NormBase):
+            channels = flow.units.movedim(1, -1).reshape(-1, flow.units.shape[1])
+            if not _constant_along(channels, (0,)) or sorted(channels[0].tolist()) != list(range(len(flow.blocks))):
+                raise _Stop("a normalised channel is not one unit")
+            return [_Norm(user, True, float(module.eps), flow)]
+        if isinstance(module, nn.LayerNorm):
+            normalised = tuple(range(-len(module.normalized_shape), 0))
+            return [_Norm(user, _constant_along(flow.units, normalised), float(module.eps), flow)]
+        if isinstance(module, POSITIVE_MODULES):
+            return self.walk(user, replace(flow, general=False))
+        if isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0):
+            return self.walk(user, flow)
+        if isinstance(module, nn.Flatten):
+            return self.walk(user, replace(flow, units=flow.units.reshape(self.shape(user))))
+        if type(module) in POOL_MODULES:
+            return self.pooled(user, flow, *POOL_MODULES[type(module)])
+        raise _Stop(f"{user.target} ({type(module).__name__}) does not commute with the symmetry")
+
+    # ------------------------------------------------------------------ unit maps through ops
+    def moved(self, node: torch.fx.Node, user: torch.fx.Node, units: Tensor) -> Tensor:
+        if user.op == "call_function" and user.target is getattr:
+            return getattr(units, user.args[1])
+        args = [units if a is node else a for a in user.args]
+        kwargs = dict(user.kwargs)
+        if any(isinstance(a, torch.fx.Node) for a in (*args[1:], *kwargs.values())):
+            raise _Stop(f"{user.name} has traced arguments")
+        out = getattr(units, user.target)(*args[1:], **kwargs) if user.op == "call_method" else user.target(*args, **kwargs)
+        if out.shape != self.shape(user):
+            raise _Stop(f"{user.name}: unexpected shape")
+        return out
+
+    def indexed(self, user: torch.fx.Node, flow: _Flow) -> Tensor:
+        index = user.args[1]
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(not (p is None or p is Ellipsis or isinstance(p, (int, slice))) for p in parts) or any(
+            isinstance(p, slice) and any(isinstance(v, torch.fx.Node) for v in (p.start, p.stop, p.step)) for p in parts
+        ):
+            raise _Stop(f"{user.name}: indexing by a traced value")
+        units = flow.units[index]
+        if units.shape != self.shape(user) or set(units.unique().tolist()) != set(range(len(flow.blocks))):
+            raise _Stop(f"{user.name}: indexing drops units")
+        return units
+
+    def reduced(self, user: torch.fx.Node, units: Tensor) -> Tensor:
+        dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        keepdim = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
+        if dim is None or not isinstance(keepdim, bool):
+            raise _Stop(f"{user.name}: a reduction over every axis")
+        dims = tuple(d % units.ndim for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
+        if not _constant_along(units, dims):
+            raise _Stop(f"{user.name}: reduces over units")
+        out = units.amax(dim=dims, keepdim=keepdim)
+        if out.shape != self.shape(user):
+            raise _Stop(f"{user.name}: unexpected shape")
+        return out
+
+    def pooled(self, user: torch.fx.Node, flow: _Flow, pooled: int, linear: bool) -> list:
+        dims = tuple(range(-pooled, 0))
+        if flow.units.ndim <= pooled + 1 or not _constant_along(flow.units, dims):
+            raise _Stop(f"{user.name}: pools over units")
+        shape = self.shape(user)
+        units = flow.units[(..., *(0,) * pooled)].reshape(*flow.units.shape[:-pooled], *(1,) * pooled).expand(shape)
+        return self.walk(user, replace(flow, units=units, general=flow.general and linear))
+
+    def product(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow, position: int) -> list:
+        """A matmul with `node` as its left (0) or right (1) operand."""
+        units, out = flow.units, self.shape(user)
+        other = user.args[1 - position]
+        if units.ndim < 2 or not isinstance(other, torch.fx.Node) or len(self.shape(other)) < 2:
+            raise _Stop(f"{user.name}: a product with a vector")
+        contracted, passed = (-1, -2) if position == 0 else (-2, -1)
+        along_contracted = not _constant_along(units, (contracted,))
+        along_passed = not _constant_along(units, (passed,))
+        if along_contracted and along_passed:
+            raise _Stop(f"{user.name}: units on both multiplied axes")
+        # units on neither (one unit per head): a contracted axis of length 1 pairs them, a passed
+        # axis of length 1 carries them through
+        length = {axis: units.shape[axis] for axis in (contracted, passed)}
+        if along_contracted or (not along_passed and length[contracted] == 1 < length[passed]):
+            pairs = units.select(passed, 0)
+            return [_Contract(user, "query" if position == 0 else "key", pairs, flow)]
+        if along_passed or length[passed] == 1 < length[contracted]:
+            kept = units.narrow(contracted, 0, 1)
+            blocks = _refine(flow.blocks, kept.movedim(passed, -1))
+            return self.walk(user, replace(flow, units=torch.broadcast_to(kept, out), blocks=blocks, mixed=True))
+        raise _Stop(f"{user.name}: units on neither multiplied axis")
+
+    def attention(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow, positions: list) -> list:
+        """F.scaled_dot_product_attention(q, k, v, ...): q and k contracted on their last axis,
+        the last axis of v passed through."""
+        names = ("query", "key", "value")
+        slots = [names[p] if isinstance(p, int) and p < 3 else p for p in positions]
+        dropout = user.kwargs.get("dropout_p", user.args[4] if len(user.args) > 4 else 0.0)
+        if len(slots) != 1 or slots[0] not in names or dropout != 0.0 or user.kwargs.get("enable_gqa", False):
+            raise _Stop(f"{user.name}: attention with dropout, or the units in its mask")
+        units = flow.units
+        if units.ndim < 2 or not _constant_along(units, (-2,)):
+            raise _Stop(f"{user.name}: units along the sequence axis")
+        if slots[0] != "value":
+            return [_Contract(user, slots[0], units.select(-2, 0), flow)]
+        kept = units.narrow(-2, 0, 1)
+        blocks = _refine(flow.blocks, kept)
+        return self.walk(user, replace(flow, units=torch.broadcast_to(kept, self.shape(user)), blocks=blocks, mixed=True))
+
+    # ------------------------------------------------------------------ consumers
+    def layer_input(self, user: torch.fx.Node, module: nn.Module, flow: _Flow) -> _Layer:
+        units = flow.units
+        axis = -1 if isinstance(module, nn.Linear) else 1
+        moved = units.movedim(axis, -1).reshape(-1, units.shape[axis])
+        if not _constant_along(moved, (0,)):
+            raise _Stop(f"{user.name}: the units change along a non-feature axis")
+        return _Layer(user, _prefixed(user.target, "weight"), moved[0], None, flow)
+
+    def attention_input(self, user: torch.fx.Node, module: nn.MultiheadAttention, flow: _Flow, positions: list) -> _Layer:
+        names = ("query", "key", "value")
+        slots = {names[p] if isinstance(p, int) and p < 3 else p for p in positions}
+        if not slots <= set(names):
+            raise _Stop(f"{user.name}: the units enter an attention mask")
+        if module.bias_k is not None:
+            raise _Stop(f"{user.name}: add_bias_kv")
+        moved = flow.units.reshape(-1, flow.units.shape[-1])
+        if not _constant_along(moved, (0,)):
+            raise _Stop(f"{user.name}: the units change along the sequence axis")
+        if module._qkv_same_embed_dim:
+            rows = [names.index(s) for s in slots]
+            if sorted(rows) != list(range(min(rows), max(rows) + 1)):
+                raise _Stop(f"{user.name}: query and value without key")
+            e = module.embed_dim
+            part = None if len(rows) == 3 else (min(rows) * e, (max(rows) + 1) * e)
+            return _Layer(user, _prefixed(user.target, "in_proj_weight"), moved[0], part, flow)
+        if len(slots) != 1:
+            raise _Stop(f"{user.name}: one input for maps of different widths")
+        return _Layer(user, _prefixed(user.target, f"{slots.pop()[0]}_proj_weight"), moved[0], None, flow)
 
 
-def _producer_terms(name: str, module: nn.Module, units: int) -> tuple[Term, ...]:
-    """|incoming weights of unit j|² (+ bias²): rows of W, or γ_j and β_j of an affine norm."""
-    tensor_names = ("weight", "bias")
-    return tuple(
-        Term(f"{name}.{t}" if name else t, "sq", axis=0, units=units)
-        for t in tensor_names
-        if getattr(module, t, None) is not None and getattr(module, t).requires_grad
-    )
+def _nested(node: torch.fx.Node, user: torch.fx.Node) -> bool:
+    """Whether `user` takes `node` inside a list, tuple or dict argument."""
+    found = []
+    torch.fx.node.map_arg((user.args, user.kwargs), lambda n: found.append(n) or n)
+    direct = sum(a is node for a in user.args) + sum(a is node for a in user.kwargs.values())
+    return sum(n is node for n in found) != direct
 
 
-def _law_for(graph: _Graph, node: torch.fx.Node, loss: str) -> Law | None:
-    module = graph.module(node)
-    units = _units(module)
-    consumers = graph.consumers(node)
-    if units is None or not consumers:
+def _is_move_attribute(user: torch.fx.Node) -> bool:
+    return user.target is getattr and user.args[1] in MOVE_ATTRIBUTES
+
+
+def _by_a_number(user: torch.fx.Node, positions: list) -> bool:
+    """x * c, c * x, x / c or −x with c a Python number."""
+    if positions != [0] and not (positions == [1] and user.target in (operator.mul, torch.mul, "mul")):
+        return False
+    others = [a for i, a in enumerate(user.args) if i != positions[0]] + list(user.kwargs.values())
+    return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in others)
+
+
+# ------------------------------------------------------------------------------------ laws
+def _column_terms(end: _Layer, start: int, stop: int, form: str) -> Term:
+    """The input columns of the consuming layer that carry units start..stop−1, as one term."""
+    columns = end.columns
+    mine = ((columns >= start) & (columns < stop)).nonzero().flatten()
+    first, last = int(mine[0]), int(mine[-1]) + 1
+    if last - first != len(mine):
+        raise _Stop("the units' columns are not contiguous")
+    local = columns[first:last] - start
+    run = int((local != local[0]).nonzero()[0]) if (local != local[0]).any() else len(local)
+    positions = torch.arange(len(local))
+    if not torch.equal(local, (positions // run) % (stop - start)):
+        raise _Stop("the units' columns follow no stride")
+    whole = (first, last) == (0, len(columns))
+    if end.rows is not None and not whole:
+        raise _Stop("columns and rows both restricted")
+    part = (0, *end.rows) if end.rows is not None else (None if whole else (1, first, last))
+    return Term(end.param, form, axis=1, units=stop - start, sign=-1, stride=run, part=part)
+
+
+def _ranges(blocks: Tensor) -> list[tuple[int, int]]:
+    """The blocks as contiguous ranges of units, in order (each block must be one)."""
+    ranges = []
+    for b in torch.unique(blocks):
+        members = (blocks == b).nonzero().flatten()
+        if int(members[-1]) - int(members[0]) + 1 != len(members):
+            raise _Stop("a head's units are not contiguous")
+        ranges.append((int(members[0]), int(members[-1]) + 1))
+    return sorted(ranges)
+
+
+def _pair_law(source: _Source, ends: list[_Layer]) -> list[Law]:
+    """rescale, and where the paths are linear the matrix law (linear / attention_vo)."""
+    site = "|".join([source.name] + [e.node.target for e in ends])
+    unit = "channel" if source.axis == 1 else "unit"
+    terms = source.terms("sq") + tuple(_column_terms(e, 0, source.units, "sq") for e in ends)
+    laws = [Law("rescale", site, (terms,), tuple(f"{unit} {j}" for j in range(source.units)))]
+    if source.general and all(e.flow.general for e in ends):
+        blocks = torch.zeros(source.units, dtype=torch.long)
+        for e in ends:
+            blocks = torch.unique(torch.stack([blocks, e.flow.blocks], 1), dim=0, return_inverse=True)[1]
+        ranges = _ranges(blocks)
+        mixed = any(e.flow.mixed for e in ends)
+        groups, components = [], []
+        for h, (start, stop) in enumerate(ranges):
+            groups.append(source.terms("gram", start, stop) + tuple(_column_terms(e, start, stop, "gram") for e in ends))
+            components += gram_labels(stop - start, f"head {h} " if len(ranges) > 1 else "")
+        laws.append(Law("attention_vo" if mixed else "linear", site, tuple(groups), tuple(components)))
+    return laws
+
+
+def _qk_law(query: _Source, q: _Contract, key: _Source, k: _Contract) -> Law:
+    """[W_q|b_q][W_q|b_q]ᵀ − [W_k|b_k][W_k|b_k]ᵀ per head, the heads read off the product."""
+    qs, ks = torch.broadcast_tensors(q.pairs, k.pairs)
+    qs, ks = qs.reshape(-1, qs.shape[-1]), ks.reshape(-1, ks.shape[-1])
+    rows = torch.unique(torch.cat([qs, ks], 1), dim=0)
+    width = qs.shape[1]
+    heads = []
+    for row in rows:
+        qrow, krow = row[:width], row[width:]
+        if not (torch.equal(qrow, qrow[0] + torch.arange(width)) and torch.equal(krow, krow[0] + torch.arange(width))):
+            raise _Stop("a head's units are not contiguous and in order")
+        heads.append((int(qrow[0]), int(krow[0])))
+    heads.sort()
+    if sorted(s for s, _ in heads) != list(range(0, query.units, width)) or sorted(s for _, s in heads) != list(
+        range(0, key.units, width)
+    ):
+        raise _Stop("the heads do not cover the units")
+    groups, components = [], []
+    for h, (qs0, ks0) in enumerate(heads):
+        groups.append(query.terms("gram", qs0, qs0 + width) + key.terms("gram", ks0, ks0 + width, sign=-1))
+        components += gram_labels(width, f"head {h} " if len(heads) > 1 else "")
+    return Law("attention_qk", f"{query.name}|{key.name}", tuple(groups), tuple(components))
+
+
+def _key_bias_law(graph: _Graph, key: _Source, contraction: torch.fx.Node) -> Law | None:
+    """The key bias shifts every score of a query by the same amount: conserved when the
+    scores meet only a softmax over the keys."""
+    bias = [(p, a) for p, a in key.tensors if p.endswith("bias")]
+    if not bias or not _softmax_over_keys(graph, contraction):
         return None
-    name = node.target
-    incoming = _producer_terms(name, module, units)
-    if not incoming:
-        return None
-    is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    kinds = {c.kind for c in consumers}
+    param = bias[0][0]
+    return Law("translation", key.name, ((Term(param, "sum", axis=0, units=key.units),),), tuple(f"bias {j}" for j in range(key.units)))
 
-    if kinds == {"output"}:
-        if loss != "cross_entropy" or not isinstance(module, nn.Linear) or any(c.flattened for c in consumers):
-            return None
-        groups = [(Term(f"{name}.weight", "sum", axis=1, units=module.in_features),)]
+
+def _softmax_over_keys(graph: _Graph, node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target in ATTENTION_FUNCTIONS:
+        return True
+    users = graph.value_users(node)
+    if len(users) != 1:
+        return False
+    user = users[0]
+    target = user.target
+    if user.op == "call_method" and target == "softmax" or user.op == "call_function" and target in SOFTMAX_FUNCTIONS:
+        dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        return dim is not None and dim % len(graph.shape(node)) == len(graph.shape(node)) - 1
+    positions = [i for i, a in enumerate(user.args) if a is node]
+    if target in SCALAR_FUNCTIONS | SCALAR_METHODS and _by_a_number(user, positions):
+        return _softmax_over_keys(graph, user)
+    if user.op == "call_method" and target == "masked_fill" and positions == [0] and isinstance(user.args[2], (int, float)):
+        return _softmax_over_keys(graph, user)
+    return False
+
+
+def _attention_module_laws(name: str, module: nn.MultiheadAttention, trainable: set[str]) -> list[Law]:
+    """The laws inside an nn.MultiheadAttention: its packed maps split per head."""
+    if module.bias_k is not None:
+        return []
+    e, heads = module.embed_dim, module.num_heads
+    d = e // heads
+    packed = module._qkv_same_embed_dim
+
+    def rows(which: int, start: int, stop: int, form: str, sign: int = 1) -> tuple[Term, ...]:
+        weight = "in_proj_weight" if packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")[which]
+        offset = which * e if packed else 0
+        terms = [Term(_prefixed(name, weight), form, units=stop - start, sign=sign, part=(0, offset + start, offset + stop))]
+        if module.in_proj_bias is not None:
+            terms.append(
+                Term(_prefixed(name, "in_proj_bias"), form, units=stop - start, sign=sign, part=(0, which * e + start, which * e + stop))
+            )
+        return tuple(terms)
+
+    def out_columns(start: int, stop: int, form: str) -> Term:
+        return Term(_prefixed(name, "out_proj.weight"), form, axis=1, units=stop - start, sign=-1, part=(1, start, stop))
+
+    head_ranges = [(h * d, (h + 1) * d) for h in range(heads)]
+    prefix = [f"head {h} " if heads > 1 else "" for h in range(heads)]
+    laws = [
+        Law(
+            "attention_qk",
+            name,
+            tuple(rows(0, s, t, "gram") + rows(1, s, t, "gram", -1) for s, t in head_ranges),
+            tuple(c for h in range(heads) for c in gram_labels(d, prefix[h])),
+        ),
+        Law("rescale", name, (rows(2, 0, e, "sq") + (out_columns(0, e, "sq"),),), tuple(f"unit {j}" for j in range(e))),
+        Law(
+            "attention_vo",
+            name,
+            tuple(rows(2, s, t, "gram") + (out_columns(s, t, "gram"),) for s, t in head_ranges),
+            tuple(c for h in range(heads) for c in gram_labels(d, prefix[h])),
+        ),
+    ]
+    if module.in_proj_bias is not None and not module.add_zero_attn:
+        key_bias = Term(_prefixed(name, "in_proj_bias"), "sum", units=e, part=(0, e, 2 * e))
+        laws.append(Law("translation", name, ((key_bias,),), tuple(f"key bias {j}" for j in range(e))))
+    return [law for law in laws if set(law.parameters) <= trainable]
+
+
+def _law_from_ends(source: _Source, ends: list, loss: str, graph: _Graph) -> list[Law]:
+    kinds = {type(e) for e in ends}
+    if kinds == {_Output}:
+        flows = [e.flow for e in ends]
+        module = graph.module(source.node)
+        if loss != "cross_entropy" or not isinstance(module, nn.Linear) or len(ends) != 1 or not flows[0].general:
+            return []
+        units = flows[0].units
+        if units.ndim != 2 or not torch.equal(units, torch.arange(source.units).expand_as(units)):
+            return []
+        groups = [(Term(_prefixed(source.name, "weight"), "sum", axis=1, units=module.in_features),)]
         components = [f"col {j}" for j in range(module.in_features)]
         if module.bias is not None:
-            groups.append((Term(f"{name}.bias", "sum", axis=0, units=1),))
+            groups.append((Term(_prefixed(source.name, "bias"), "sum", axis=0, units=1),))
             components.append("bias")
-        return Law("translation", name, tuple(groups), tuple(components))
-    if "output" in kinds:
-        return None
-
-    layers = [c for c in consumers if c.kind == "layer"]
-    if layers:
-        outgoing = []
-        for c in layers:
-            consumer = graph.module(c.node)
-            if isinstance(consumer, nn.Linear):
-                # a conv feeds a Linear only through a flatten: unit j is a block of features
-                if (is_conv and not c.flattened) or consumer.in_features % units:
-                    return None
-            elif consumer.in_channels != units or c.flattened or not (is_conv or isinstance(module, _NormBase)):
-                return None
-            outgoing.append(Term(f"{c.node.target}.weight", "sq", axis=1, units=units, sign=-1))
-        site = "|".join([name] + [c.node.target for c in layers])
-        unit = "channel" if is_conv or isinstance(module, _NormBase) else "unit"
-        return Law("rescale", site, (incoming + tuple(outgoing),), tuple(f"{unit} {j}" for j in range(units)))
-
-    # only normalisation consumers: scaling the producer's units changes nothing downstream
-    norms = [graph.module(c.node) for c in consumers]
-    if any(c.flattened for c in consumers):
-        return None
-    eps = max(float(n.eps) for n in norms)
-    if kinds == {"norm"} and all(n.num_features == units for n in norms):
-        unit = "channel" if is_conv or isinstance(module, _NormBase) else "unit"
-        return Law("scale", name, (incoming,), tuple(f"{unit} {j}" for j in range(units)), exact=eps == 0, eps=eps)
-    if kinds == {"layer_norm"} and isinstance(module, nn.Linear) and all(n.normalized_shape == (units,) for n in norms):
-        whole = tuple(Term(t.param, "sq", axis=0, units=1) for t in incoming)
-        return Law("scale", name, (whole,), ("layer",), exact=eps == 0, eps=eps)
-    return None
+        return [Law("translation", source.name, tuple(groups), tuple(components))]
+    if kinds == {_Layer}:
+        return _pair_law(source, ends)
+    if kinds == {_Norm}:
+        eps = max(e.eps for e in ends)
+        unit = "channel" if source.axis == 1 else "unit"
+        if all(e.per_unit for e in ends):
+            components = tuple(f"{unit} {j}" for j in range(source.units))
+            return [Law("scale", source.name, (source.terms("sq"),), components, exact=eps == 0, eps=eps)]
+        whole = tuple(Term(param, "sq", axis=axis, units=1) for param, axis in source.tensors)
+        return [Law("scale", source.name, (whole,), ("layer",), exact=eps == 0, eps=eps)]
+    return []
 
 
-def detect_laws(model: nn.Module, loss: str = "cross_entropy") -> list[Law]:
-    """Every law flowsim can prove for `model` under `loss`, in graph order."""
-    graph = _Graph(model)
-    laws = []
+def _sources(graph: _Graph) -> Iterator[_Source]:
     for node in graph.gm.graph.nodes:
-        if node.op == "call_module" and _units(graph.module(node)) is not None:
-            law = _law_for(graph, node, loss)
-            if law is not None:
-                laws.append(law)
-    return laws
+        module = graph.module(node)
+        if module is None or node.target in graph.shared:
+            # the first output of an nn.MultiheadAttention is a source too
+            if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+                parent = graph.module(node.args[0])
+                if isinstance(parent, nn.MultiheadAttention) and node.args[0].target not in graph.shared:
+                    yield _attention_output_source(node, parent)
+            continue
+        source = _source(node, module)
+        if source is not None:
+            yield source
+
+
+def _unit_map(graph: _Graph, source: _Source) -> _Flow:
+    shape = graph.shape(source.node)
+    axis = source.axis % len(shape)
+    if shape[axis] != source.units:
+        raise _Stop(f"{source.name}: units not on axis {source.axis}")
+    view = [1] * len(shape)
+    view[axis] = source.units
+    return _Flow(torch.arange(source.units).reshape(view).expand(shape), torch.zeros(source.units, dtype=torch.long))
+
+
+def _warn_unanalysed(graph: _Graph) -> None:
+    unknown = sorted(
+        {
+            f"{node.target} ({type(graph.module(node)).__name__})"
+            for node in graph.gm.graph.nodes
+            if graph.module(node) is not None
+            and not isinstance(graph.module(node), UNDERSTOOD_LEAVES)
+            and any(p.requires_grad for p in graph.module(node).parameters())
+        }
+    )
+    if unknown:
+        warnings.warn(
+            f"flowsim does not look inside {', '.join(unknown)}: laws that involve their parameters are not detected; "
+            "the laws returned are the ones found elsewhere",
+            UserWarning,
+            stacklevel=3,
+        )
+    if graph.shared:
+        warnings.warn(
+            f"{', '.join(sorted(graph.shared))}: called more than once or parameters read directly; no law involves them",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def detect_laws(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None = None) -> list[Law]:
+    """Every law flowsim can prove for `model` under `loss`, in graph order."""
+    graph = _Graph(model, inputs)
+    _warn_unanalysed(graph)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    found: list[tuple[int, Law]] = []
+    order = {node: i for i, node in enumerate(graph.gm.graph.nodes)}
+    contractions: dict[torch.fx.Node, list[tuple[_Source, _Contract]]] = {}
+    for source in _sources(graph):
+        try:
+            ends = graph.walk(source.node, _unit_map(graph, source))
+        except _Stop:
+            continue
+        if len(ends) == 1 and isinstance(ends[0], _Contract):
+            contractions.setdefault(ends[0].node, []).append((source, ends[0]))
+            continue
+        with contextlib.suppress(_Stop):
+            found += [(order[source.node], law) for law in _law_from_ends(source, ends, loss, graph)]
+    for node, arrivals in contractions.items():
+        sides = {c.side: (s, c) for s, c in arrivals}
+        if len(arrivals) != 2 or set(sides) != {"query", "key"}:
+            continue
+        (query, q), (key, k) = sides["query"], sides["key"]
+        if query.name == key.name or not (query.general and key.general and q.flow.general and k.flow.general):
+            continue
+        with contextlib.suppress(_Stop):
+            found.append((order[query.node], _qk_law(query, q, key, k)))
+            bias = _key_bias_law(graph, key, node)
+            if bias is not None:
+                found.append((order[key.node], bias))
+    for node in graph.gm.graph.nodes:
+        module = graph.module(node)
+        if isinstance(module, nn.MultiheadAttention) and node.target not in graph.shared:
+            found += [(order[node], law) for law in _attention_module_laws(node.target, module, trainable)]
+    laws = [law for _, law in sorted(found, key=lambda pair: pair[0])]
+    return [law for law in laws if set(law.parameters) <= trainable]
 
 
 __all__ = ["detect_laws"]

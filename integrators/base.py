@@ -81,6 +81,9 @@ class Integrator(ABC):
                 f"({type(dynamics.default_integrator()).__name__})"
             )
 
+    def check_problem(self, dynamics, problem) -> None:
+        """Raise ConfigError if this integrator cannot run `dynamics` on `problem` (its size…)."""
+
     @abstractmethod
     def solve(
         self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None

@@ -15,19 +15,28 @@ from torch import nn
 
 from flowsim.errors import ConfigError
 
-from . import cnn, mlp
+from . import attention, cnn, mlp, resnet
 
 #: module -> the factories it offers to configs
-ZOO: dict[str, tuple[str, ...]] = {"mlp": ("mlp",), "cnn": ("vgg",)}
+ZOO: dict[str, tuple[str, ...]] = {
+    "mlp": ("mlp",),
+    "cnn": ("vgg",),
+    "resnet": ("resnet", "residual_mlp"),
+    "attention": ("layer", "block", "transformer"),
+}
 
 #: factory argument -> how it is read off the data: "features" (product of the input shape),
-#: "channels" (input shape[0]), "size" (input shape[-1]), "outputs" (classes or target size)
+#: "channels" (input shape[0]), "size" (input shape[-1]), "outputs" (classes or target size);
+#: for token sequences (N, length, vocab) shape[0] is the length and shape[-1] the vocabulary
 DATA_ARGUMENTS = {
     "in_features": "features",
     "in_channels": "channels",
     "image_size": "size",
     "out_features": "outputs",
     "num_classes": "outputs",
+    "length": "channels",
+    "vocab": "size",
+    "d_model": "size",
 }
 
 
@@ -45,4 +54,4 @@ def parameters_of(fn: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(fn).parameters)
 
 
-__all__ = ["ZOO", "DATA_ARGUMENTS", "factory", "parameters_of", "cnn", "mlp"]
+__all__ = ["ZOO", "DATA_ARGUMENTS", "factory", "parameters_of", "attention", "cnn", "mlp", "resnet"]

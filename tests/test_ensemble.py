@@ -13,6 +13,7 @@ from flowsim.integrators import ODE
 K = 4
 CASES = {
     "gradient_flow_rk4": (fs.GradientFlow(), ODE("rk4", step_size=0.1), 0.4, 0.2),
+    "modified_flow_rk4": (fs.ModifiedFlow(lr=0.1), ODE("rk4", step_size=0.1), 0.4, 0.2),
     "sgd_momentum_minibatch": (fs.DiscreteSGD(lr=0.1, batch_size=8, momentum=0.9), None, 1.0, 0.5),
 }
 
