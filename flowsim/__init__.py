@@ -17,6 +17,7 @@ from .simulate import simulate
 from .config import load_config, run_config
 from .record import open_record
 from .compare import compare
+from .sweep import sweep
 from . import accessor  # noqa: F401  (registers ds.flowsim)
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "run_config",
     "open_record",
     "compare",
+    "sweep",
 ]

@@ -1,4 +1,4 @@
-"""The command line: ``flowsim run | info | plot | compare | laws``.
+"""The command line: ``flowsim run | info | plot | compare | laws | sweep``.
 
 Exit status: 0 done, 2 bad input (one line naming the field), 3 the run diverged,
 130 interrupted (Ctrl-C: the run is saved and checkpointed; ``flowsim run --resume`` goes on).
@@ -78,6 +78,19 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .sweep import parse_over, sweep
+
+    out = args.out if args.out is not None else str(Path(args.config).with_suffix("")) + "_sweep"
+    ds = sweep(args.config, parse_over(args.over), client=args.scheduler, out=out, workers=args.workers, progress=not args.no_progress)
+    statuses = [str(s) for s in ds.status.values.ravel()]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+    print(f"{len(statuses)} runs: {counts} ({ds.attrs['runs_executed']} run now); records in {out}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare, describe
     from .errors import ConfigError
@@ -147,6 +160,14 @@ def parser() -> argparse.ArgumentParser:
     laws.add_argument("--seed", type=int, default=0, help="random point and fields of the count")
     laws.add_argument("--max-params", type=int, default=1000, help="largest model the count computes brackets for")
     laws.set_defaults(func=_laws)
+    sweep = sub.add_parser("sweep", help="run a config at every point of a grid on dask.distributed")
+    sweep.add_argument("config")
+    sweep.add_argument("--over", action="append", required=True, metavar="NAME=VALUES", help="lr=0.05,0.1 or seed=0:8 (repeatable)")
+    sweep.add_argument("--scheduler", help="address of a running dask scheduler (default: a LocalCluster)")
+    sweep.add_argument("--workers", type=int, default=2, help="worker processes of the LocalCluster (default 2)")
+    sweep.add_argument("--out", help="folder of the runs' zarr stores (default: CONFIG_sweep/ beside the config)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.set_defaults(func=_sweep)
     return p
 
 

@@ -30,6 +30,7 @@ from .errors import ConfigError, FlowsimError, bad_value
 SECTIONS = ("model", "data", "problem", "dynamics", "integrator", "run")
 PROBLEM_KEYS = ("loss", "weight_decay", "chunk_size")
 RUN_KEYS = ("t1", "save_every", "observe", "seed", "device", "dtype", "out", "overwrite", "checkpoint_every", "progress")
+RUN_KEYS += ("ensemble",)  # simulate(ensemble=K): K members from seeds (seed, k)
 
 
 @dataclass

@@ -67,6 +67,7 @@ VARIABLES: dict[str, dict[str, str]] = {
     "paths": {"long_name": "number of independent SDE paths"},
     "drift": {"long_name": "drift of the SGD-noise SDE (gradient or modified)"},
     "noise": {"long_name": "noise of the SGD-noise SDE (exact or diagonal)"},
+    "member": {"long_name": "ensemble member: an independent copy of the run from its own initial parameters"},
 }
 
 
@@ -318,10 +319,11 @@ class Recorder:
         nothing) if θ or the loss is not finite."""
         problem, theta = self.problem, point.theta
         grad, loss = point.grad, point.loss
+        each = _each if not hasattr(problem, "members") else lambda fn, *args: fn(*args)  # an Ensemble evaluates (K, P) at once
         if grad is None:
-            loss, grad = _each(problem.loss_and_grad, theta)
+            loss, grad = each(problem.loss_and_grad, theta)
         elif loss is None and "loss" in self.observe:
-            loss = _each(problem.loss, theta)
+            loss = each(problem.loss, theta)
         check = theta.sum() if loss is None else loss.sum() + theta.sum()
         if not torch.isfinite(check):
             return False

@@ -17,6 +17,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from .config import to_toml
 from .dynamics import Dynamics
+from .ensemble import check_ensemble, ensemble_start
 from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, RecordError, bad_value, check_flag, check_number
 from .integrators import Integrator, SaveGrid
 from .laws import Law, LawSet, detect
@@ -121,6 +122,7 @@ def simulate(
     checkpoint_every: float = 60.0,
     progress: bool = True,
     config: str | None = None,
+    ensemble: int | torch.Tensor | None = None,
 ) -> xr.Dataset:
     """Integrate `dynamics` on `problem` from the model's current parameters and record the laws.
 
@@ -145,6 +147,9 @@ def simulate(
     - `checkpoint_every`: seconds between checkpoints (0: at every save point); one is also
       written when the run is interrupted.
     - `progress`: a tqdm bar on a terminal. `config`: the run's TOML text, stored as an attr.
+    - `ensemble`: K (or (K, P) initial parameters): K independent copies of the run moved at once
+      by torch.func.vmap (flowsim.ensemble); member 0 starts from the model's parameters, member
+      k ≥ 1 from a fresh initialisation seeded by (seed, k). The record gains a ``member`` dim.
 
     **Returns** the run's `xarray.Dataset` (schema in flowsim.record), with
     ``attrs["status"]`` "completed", or "diverged" (NaN/Inf, step-size underflow, max_steps)
@@ -174,11 +179,14 @@ def simulate(
     integrator.check(dynamics, dtype)
     dynamics.check(problem)
     integrator.check_problem(dynamics, problem)
+    ensemble = check_ensemble(ensemble, dynamics, problem)
 
     # --- 2. bind the problem to device and dtype; the initial point and its laws; what to resume
     problem = problem.to(device=device, dtype=dtype)
     law_set = _law_set(laws, problem)
     theta0 = problem.initial_theta()
+    if ensemble is not None:
+        problem, theta0 = ensemble_start(problem, ensemble, seed)
     identity = ckpt.fingerprint(problem, dynamics, integrator, t1, save_every, seed, device, dtype, observe, law_set, theta0)
     start = ckpt.resume_point(out_path, identity, device) if resume else None
     if isinstance(start, xr.Dataset):  # the run has ended already
@@ -200,6 +208,9 @@ def simulate(
     if overwrite and out_path is not None:
         remove_output(out_path)
     members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
+    if ensemble is not None:
+        members = problem.members
+        attrs["ensemble"] = members[1]
     recorder = Recorder(
         problem, law_set, observe, theta0, coords, attrs, out_path, members=members, n_rows=len(grid.times), seed=seed
     )

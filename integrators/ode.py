@@ -146,11 +146,14 @@ class ODE(Integrator):
         if self.adaptive:
             check_rtol(self.rtol, dtype)
 
-    def _solver(self, f, y0: Tensor, t: Tensor):
-        """torchdiffeq's solver object for `method` on y' = f(t, y) from y0."""
+    def _solver(self, f, y0: Tensor, t: Tensor, norm=None):
+        """torchdiffeq's solver object for `method` on y' = f(t, y) from y0 (`norm`: the error
+        norm when the problem has its own, as an ensemble's worst member has)."""
         options = dict(self.options)
         if self.step_size is not None:
             options["step_size"] = self.step_size
+        if norm is not None and "norm" not in options:
+            options["norm"] = norm
         try:
             _, func, y0, t, rtol, atol, method, options, _, _ = _check_inputs(
                 f, y0, t, self.rtol, self.atol, self.method, options, None, SOLVERS
@@ -167,7 +170,7 @@ class ODE(Integrator):
             f.callback_step, f.callback_accept_step = f.count_attempt, f.count_step
         y0 = dynamics.initial_state(problem, theta0)
         t = torch.tensor(grid.times, dtype=torch.float64, device=y0.device)
-        solver = self._solver(f, y0, t)
+        solver = self._solver(f, y0, t, getattr(problem, "error_norm", None))  # an ensemble: every member meets the tolerance
         states = self._adaptive(solver, t, f, start) if self.adaptive else self._fixed(solver, t, f, start)
         for index, y, checkpoint in states:
             theta, velocity = dynamics.split(problem, y)

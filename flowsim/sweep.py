@@ -1,0 +1,277 @@
+"""Hyper-parameter sweeps on dask.distributed: every point of a grid is one run.
+
+    fs.sweep("run.toml", over={"lr": [0.05, 0.1], "seed": range(8)}, out="sweep/")
+
+A point is the config with the point's values written into it (``lr`` → ``[dynamics] lr``,
+``seed`` → ``[run] seed``, ``weight_decay`` → ``[problem]``, ``section.key`` for any other key).
+Each point runs as one task on a dask cluster (a LocalCluster of processes by default, or the
+scheduler at an address) and writes its own zarr store ``<out>/<name>=<value>,….zarr``. A run
+that diverges or fails is recorded by its status (``completed``, ``diverged``, ``failed``) and
+the sweep goes on. A point whose store holds a finished run (completed or diverged) of the same
+config is not run again, so calling a sweep again resumes it.
+
+The result is one Dataset: every variable of the runs with the sweep's dimensions first
+(``value`` (lr, seed, time, quantity), ``loss`` (lr, seed, time), …), and ``status`` /
+``status_message`` per point. Times of different points are matched to 12 decimals (SGD's
+times k·lr can differ in the last bit between learning rates); a point that stopped early has
+NaN after its last save. ``step`` and ``scale``, which differ between points, become data
+variables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import tomllib
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .config import PROBLEM_KEYS, RUN_KEYS, dumps, load_config
+from .errors import ConfigError, FlowsimError
+from .simulate import save_grid
+
+#: statuses of a finished run: its point is not run again
+FINISHED = ("completed", "diverged")
+#: where a bare name in `over` goes when the config does not already set it
+_SEARCH = ("run", "problem", "dynamics", "integrator", "model", "data")
+
+
+def _config_tables(config: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    path = None if str(config).lstrip().startswith("[") else Path(config)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config: {str(path)!r} is not a file")
+    text = path.read_text() if path is not None else str(config)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: not valid TOML ({exc})") from exc
+
+
+def _locate(name: str, tables: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    """(section, key) of a sweep name: ``section.key``, or the section that sets `key`, or the
+    section a key of that name belongs to ([run], [problem], else [dynamics])."""
+    if "." in name:
+        section, key = name.split(".", 1)
+        return section, key
+    for section in _SEARCH:
+        if name in tables.get(section, {}):
+            return section, name
+    if name in RUN_KEYS:
+        return "run", name
+    return ("problem", name) if name in PROBLEM_KEYS else ("dynamics", name)
+
+
+def _check_over(over: Mapping[str, Iterable[Any]]) -> dict[str, list[Any]]:
+    if not isinstance(over, Mapping) or not over:
+        raise ConfigError(f"sweep.over: got {over!r}; expected a mapping of names to lists of values")
+    grid = {}
+    for name, values in over.items():
+        values = list(values) if not isinstance(values, (str, bytes)) and isinstance(values, Iterable) else None
+        if not values or not all(isinstance(v, (bool, int, float, str)) for v in values):
+            raise ConfigError(f"sweep.over.{name}: got {over[name]!r}; expected a non-empty list of numbers, booleans or strings")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"sweep.over.{name}: got {values!r}; expected distinct values")
+        if name.split(".")[-1] in ("out", "overwrite", "progress"):
+            raise ConfigError(f"sweep.over.{name}: cannot be swept; the sweep sets it for every point")
+        grid[name.split(".")[-1]] = values
+    if len(grid) != len(over):
+        raise ConfigError(f"sweep.over: {list(over)} name the same key twice")
+    return grid
+
+
+def _point_name(point: Mapping[str, Any]) -> str:
+    """The store name of a point: ``lr=0.05,seed=3`` (characters other than [\\w.+-=,] as _)."""
+    return re.sub(r"[^\w.+\-=,]", "_", ",".join(f"{k}={v}" for k, v in point.items()))
+
+
+def run_point(text: str, out: str | None) -> tuple[str, str, xr.Dataset | None]:
+    """One point of a sweep (runs on a dask worker): (status, message, the record if `out` is None).
+    Any exception becomes status "failed" with its message, so the sweep goes on."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the status says it
+            ds = load_config(text, out=out, overwrite=out is not None, progress=False).simulate()
+    except Exception as exc:  # a point's failure is data of the sweep, not the end of it
+        return "failed", f"{type(exc).__name__}: {exc}", None
+    return ds.attrs["status"], ds.attrs["status_message"], (ds if out is None else None)
+
+
+def _finished(store: Path, text: str) -> bool:
+    """Whether `store` holds a finished run of the config `text`."""
+    if not store.exists():
+        return False
+    try:
+        import zarr
+
+        attrs = zarr.open_group(store, mode="r").attrs
+        return attrs.get("status") in FINISHED and attrs.get("config") == text
+    except Exception:  # an unreadable store (a run killed before its first write) is run again
+        return False
+
+
+def _client(client: Any, workers: int):
+    """(client, [what to close after the sweep]): an existing Client (closed by its owner), a
+    scheduler address, or a new LocalCluster of `workers` processes with one thread each."""
+    from distributed import Client, LocalCluster
+
+    if client is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        own = Client(cluster)
+        return own, [own, cluster]
+    if isinstance(client, str):
+        try:
+            own = Client(client, timeout="60s")
+        except OSError as exc:
+            raise ConfigError(f"sweep.scheduler: cannot reach {client!r} ({exc})") from exc
+        return own, [own]
+    if not isinstance(client, Client):
+        raise ConfigError(f"sweep.client: got {type(client).__name__}; expected a distributed.Client, an address or None")
+    return client, []
+
+
+def _point_record(ds: xr.Dataset, point: Mapping[str, Any], status: str, message: str) -> xr.Dataset:
+    """One run's record with the sweep's dimensions (length 1) in front."""
+    ds = ds.reset_coords([c for c in ("step", "scale") if c in ds.coords])
+    ds = ds.drop_vars([name for name in point if name in ds.variables])
+    if "time" in ds.indexes:
+        ds = ds.assign_coords(time=np.round(ds.time.values, 12))
+    ds = ds.assign(status=((), status), status_message=((), message))
+    return ds.expand_dims({name: [value] for name, value in point.items()})
+
+
+def sweep(
+    config: str | os.PathLike,
+    over: Mapping[str, Iterable[Any]],
+    client: Any = None,
+    out: str | os.PathLike | None = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Run `config` at every point of the grid `over` on dask.distributed and gather the records.
+
+    **Main arguments**
+
+    - `config`: a TOML run config (path or text); its ``[run] out`` is ignored.
+    - `over`: ``{name: values}``; the grid is their product, in this order. A name is a config
+      key (``lr``, ``seed``, ``weight_decay``, ``batch_size``…) or ``section.key``.
+    - `out`: a folder for the runs' zarr stores (created if missing); points already finished
+      there with the same config are not run again. None keeps the records in memory only.
+
+    **Other arguments**
+
+    - `client`: a ``distributed.Client``, a scheduler address (``"tcp://host:8786"``), or None
+      for a LocalCluster of `workers` processes, one thread each (closed at the end).
+    - `progress`: a tqdm bar counting finished runs.
+
+    **Returns** one Dataset with dims (*over, time, quantity, …) and per-point ``status``.
+    The attrs hold the sweep (``sweep``: JSON of the grid) and ``runs_executed``.
+
+    **Raises** ConfigError before any work if the grid or any point's config is invalid.
+    """
+    tables = _config_tables(config)
+    grid = _check_over(over)
+    workers = int(workers)
+    if workers < 1:
+        raise ConfigError(f"sweep.workers: got {workers}; expected at least 1")
+    folder = None
+    if out is not None:
+        folder = Path(out)
+        if folder.suffix in (".zarr", ".nc") or (folder.exists() and not folder.is_dir()):
+            raise ConfigError(f"sweep.out: got {str(out)!r}; expected a folder for the runs' stores")
+        if not folder.parent.exists():
+            raise ConfigError(f"sweep.out: the folder {str(folder.parent)!r} does not exist")
+    located = {name: _locate(key, tables) for name, key in zip(grid, over)}
+
+    # --- 1. every point's config, validated before any work
+    points, texts = [], []
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        point_tables = {s: dict(t) for s, t in tables.items()}
+        point_tables.setdefault("run", {})
+        for key in ("out", "overwrite", "progress"):
+            point_tables["run"].pop(key, None)
+        for name, value in point.items():
+            section, key = located[name]
+            point_tables.setdefault(section, {})[key] = value
+        text = dumps(point_tables)
+        try:
+            checked = load_config(text)
+            save_grid(checked.dynamics, checked.run["t1"], checked.run["save_every"])
+        except FlowsimError as exc:
+            raise ConfigError(f"sweep point {_point_name(point)}: {exc}") from exc
+        points.append(point)
+        texts.append(text)
+    if folder is not None:
+        folder.mkdir(exist_ok=True)
+    stores = [None if folder is None else folder / f"{_point_name(p)}.zarr" for p in points]
+    todo = [i for i, store in enumerate(stores) if store is None or not _finished(store, texts[i])]
+
+    # --- 2. run what is left on the cluster
+    outcomes: dict[int, tuple[str, str, xr.Dataset | None]] = {}
+    if todo:
+        from distributed import as_completed
+        from tqdm.auto import tqdm
+
+        dask_client, to_close = _client(client, workers)
+        try:
+            futures = {
+                dask_client.submit(run_point, texts[i], None if stores[i] is None else str(stores[i]), pure=False): i for i in todo
+            }
+            with tqdm(total=len(todo), unit="run", desc="sweep", disable=not progress) as bar:
+                for future in as_completed(futures):
+                    outcomes[futures[future]] = future.result()
+                    bar.update()
+        finally:
+            for owned in to_close:
+                owned.close()
+
+    # --- 3. one Dataset
+    parts = []
+    for i, (point, store) in enumerate(zip(points, stores)):
+        status, message, record = outcomes.get(i, (None, "", None))
+        if record is None and store is not None and store.exists() and status != "failed":
+            record = xr.open_zarr(store).load()
+            status, message = record.attrs["status"], record.attrs["status_message"]
+        parts.append(_point_record(record if record is not None else xr.Dataset(), point, status, message))
+    ds = xr.merge(parts, join="outer", compat="no_conflicts", combine_attrs="drop_conflicts")
+    ds = ds.transpose(*grid, ...)
+    for name in ("status", "status_message"):
+        ds[name] = ds[name].astype(str)
+    ds.attrs.update(sweep=json.dumps({name: list(v) for name, v in grid.items()}), runs_executed=len(todo))
+    return ds
+
+
+def parse_over(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``--over`` arguments: ``name=v1,v2,…`` (TOML scalars, bare words as strings) or an integer
+    range ``name=start:stop[:step]`` (stop excluded, as in Python)."""
+    over: dict[str, list[Any]] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise ConfigError(f"sweep.over: got {item!r}; expected name=v1,v2,… or name=start:stop[:step]")
+        if re.fullmatch(r"-?\d+:-?\d+(:-?\d+)?", spec):
+            values: list[Any] = list(range(*(int(p) for p in spec.split(":"))))
+        else:
+            values = [_scalar(v) for v in spec.split(",")]
+        if name in over:
+            raise ConfigError(f"sweep.over.{name}: given twice")
+        over[name] = values
+    return over
+
+
+def _scalar(text: str) -> Any:
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"sweep.over: got {text!r}; expected a finite number")
+    return value
