@@ -474,7 +474,7 @@ class SGDNoise(Dynamics):
         if self.drift == "gradient":
             _, grad = problem.loss_and_grad(theta)
             return grad.add(theta, alpha=problem.weight_decay).neg_()
-        return _penalised_weighted_grad(problem, theta, None, self.lr / 4).neg_()
+        return _modified_gradient(problem, theta, 0.5 * self.lr).neg_()
 
     def diffusion(self, problem: Problem, theta: Tensor, w: Tensor) -> Tensor:
         """√η G(θ) w: exact, √(η c/(S N)) ∇_θ Σ_i (w_i − w̄) ℓ_i (one backward pass); diagonal,
@@ -503,20 +503,15 @@ class SGDNoise(Dynamics):
         return step.add_(theta, alpha=1.0 - dt * problem.weight_decay)
 
 
-def _penalised_weighted_grad(problem: Problem, theta: Tensor, weights: Tensor | None, beta: float) -> Tensor:
-    """∇_θ [Σ_i w_i ℓ_i + β |∇L_λ|²] = Σ_i w_i ∇ℓ_i + 2β H_λ g by one forward and a double
-    backward; weights None means L_λ itself (w_i = 1/N plus the penalty gradient λθ), so
-    β = η/4 gives ∇L̃ of the modified flow."""
+def _penalised_weighted_grad(problem: Problem, theta: Tensor, weights: Tensor, beta: float) -> Tensor:
+    """∇_θ [Σ_i w_i ℓ_i + β |∇L_λ|²] = Σ_i w_i ∇ℓ_i + 2β H_λ g, g = ∇L_λ, by one forward and a
+    double backward (the fused step of the modified drift)."""
     with torch.enable_grad():
         leaf = theta.detach().requires_grad_(True)
         losses = problem.per_example_losses(leaf)
         (grad,) = torch.autograd.grad(losses.mean(), leaf, create_graph=True)
         grad = grad + problem.weight_decay * leaf
-        if weights is None:
-            objective = losses.mean() + 0.5 * problem.weight_decay * leaf.square().sum() + beta * grad.square().sum()
-        else:
-            objective = losses @ weights + beta * grad.square().sum()
-        (total,) = torch.autograd.grad(objective, leaf)
+        (total,) = torch.autograd.grad(losses @ weights + beta * grad.square().sum(), leaf)
     return total
 
 
