@@ -26,6 +26,16 @@ def relative(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Every test problem is tiny: one torch thread is faster than two, and many times faster
+    when the cores are shared (a second OpenMP thread only spins)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def gpu():
     if not torch.cuda.is_available():

@@ -16,15 +16,6 @@ from flowsim.laws import gradient_check
 from flowsim.models.resnet import ResidualBlock, ResidualMLPBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a shared machine torch's threads only contend (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kinds(laws):
     return [(law.kind, law.site, law.size) for law in laws]
 

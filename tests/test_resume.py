@@ -76,17 +76,8 @@ def interrupt_at(monkeypatch, n: int) -> None:
     monkeypatch.setattr(record.Recorder, "add", add)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread, the more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def references(one_thread):
+def references():
     return {name: run(name) for name in ("sgd", "gf", "sde")}
 
 
@@ -250,7 +241,12 @@ def test_cli_ctrl_c_exits_130_and_resume_completes(tmp_path):
     (tmp_path / "run.toml").write_text(every_row)
     (tmp_path / "resume.toml").write_text(every_row.replace("checkpoint_every = 0.0", "checkpoint_every = 60.0"))
     out = tmp_path / "run.zarr"
-    command = [sys.executable, "-m", "flowsim.cli", "run", str(tmp_path / "run.toml"), "--out", str(out)]
+    # the real CLI, each save point held back 20 ms so that the SIGINT surely lands mid-run
+    slowed = (
+        "import sys, time; from flowsim import cli, record; add = record.Recorder.add; "
+        "record.Recorder.add = lambda self, *a, **k: (time.sleep(0.02), add(self, *a, **k))[1]; sys.exit(cli.main())"
+    )
+    command = [sys.executable, "-c", slowed, "run", str(tmp_path / "run.toml"), "--out", str(out)]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while (not out.exists() or fs.open_record(out).sizes["time"] < 3) and time.monotonic() < deadline:

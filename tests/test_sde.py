@@ -17,15 +17,6 @@ from flowsim.integrators.brownian import brownian_increments
 from conftest import build_problem
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one thread is faster, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def slope(x, y) -> float:
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 

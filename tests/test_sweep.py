@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 import flowsim as fs
@@ -41,15 +40,6 @@ save_every = 10.0
 dtype = "float64"
 """
 OVER = {"lr": [0.5, 5.0], "seed": [0, 1]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Runs one by one in this process use one thread, as the workers do (dask sets OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

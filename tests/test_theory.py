@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import flowsim as fs
 from flowsim.cli import main
@@ -14,16 +13,6 @@ from flowsim.theory import error, predict, solve_linear
 from conftest import build_problem
 
 EPS32 = float(np.finfo(np.float32).eps)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These runs take thousands of tiny steps: a second OpenMP thread only adds overhead
-    (and spins for ~100× the step time on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_sgd(name="mlp", n=64, lr=0.1, lam=5e-3, steps=40, batch_size=16, momentum=0.0, dampening=0.0, dtype="float64", **model):
