@@ -241,9 +241,11 @@ def test_cli_ctrl_c_exits_130_and_resume_completes(tmp_path):
     (tmp_path / "run.toml").write_text(every_row)
     (tmp_path / "resume.toml").write_text(every_row.replace("checkpoint_every = 0.0", "checkpoint_every = 60.0"))
     out = tmp_path / "run.zarr"
-    # the real CLI, each save point held back 20 ms so that the SIGINT surely lands mid-run
+    # the real CLI, each save point held back 20 ms so that the SIGINT surely lands mid-run, with
+    # Python's Ctrl-C handler even where the test runs as a background job (which ignores SIGINT)
     slowed = (
-        "import sys, time; from flowsim import cli, record; add = record.Recorder.add; "
+        "import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from flowsim import cli, record; add = record.Recorder.add; "
         "record.Recorder.add = lambda self, *a, **k: (time.sleep(0.02), add(self, *a, **k))[1]; sys.exit(cli.main())"
     )
     command = [sys.executable, "-c", slowed, "run", str(tmp_path / "run.toml"), "--out", str(out)]
