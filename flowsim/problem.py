@@ -258,7 +258,7 @@ class Problem:
         applied to it in one pass (forward, backward with graph, double backward).
 
         Double backward measured faster than forward-over-reverse (``torch.func.jvp`` of the
-        gradient, which needs ĝ first and so one more pass): 2.3× vs 2.7× a gradient on an MLP
+        gradient, which needs ĝ first and so one more pass): 2.9× vs 5.9× a gradient on an MLP
         64-128-128-10 on all digits (``benchmarks/hessian_vector.py``; BENCHMARKS.md,
         "ModifiedFlow's Hessian-vector product"). A chunked problem takes two passes: the
         gradient, then H v chunk by chunk."""
