@@ -246,16 +246,24 @@ FLOWS = {
         {"attention_qk", "attention_vo", "rescale", "linear", "translation"},
     ),
     "resnet.residual_mlp": (lambda: models.resnet.residual_mlp(in_features=16, width=4, hidden=3, activation="identity"), "cross_entropy", {"rescale", "linear", "translation"}),
+    "resnet.resnet": (
+        lambda: models.resnet.resnet(width=2, batch_norm=True, activation="identity", bn_eps=1e-12),
+        "cross_entropy",
+        {"scale", "rescale", "translation"},
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(FLOWS))
 def test_laws_conserved_under_gradient_flow(name):
-    """dopri5 at rtol=atol=1e-10, float64, to t=1: every law within 1e-7 relative. Linear
-    activations (ReLU flows are non-smooth and crawl at this tolerance: README)."""
+    """dopri5 at rtol=atol=1e-10, float64, to t=1: every law within 1e-7 relative (the ResNet
+    with BatchNorm at eps 1e-12). Linear activations (ReLU flows are non-smooth and crawl at
+    this tolerance: README)."""
     build, loss, expected = FLOWS[name]
     if name.startswith("attention"):
         X, y = data.sequences(n=16, length=4, vocab=4, task="regression" if loss == "mse" else "classification")
+    elif name == "resnet.resnet":
+        X, y = DIGITS
     else:
         X, y = DIGITS[0].flatten(1)[:, ::4], DIGITS[1]
     torch.manual_seed(0)
