@@ -527,6 +527,10 @@ def _per_example_gradients(problem: Problem, theta: Tensor) -> Tensor:
 
 
 #: the dynamics a config may name
-DYNAMICS: dict[str, type[Dynamics]] = {"GradientFlow": GradientFlow, "DiscreteSGD": DiscreteSGD}
-DYNAMICS["SGDNoise"] = SGDNoise
-DYNAMICS.update(ModifiedFlow=ModifiedFlow, MomentumFlow=MomentumFlow)
+DYNAMICS: dict[str, type[Dynamics]] = {
+    "GradientFlow": GradientFlow,
+    "ModifiedFlow": ModifiedFlow,
+    "MomentumFlow": MomentumFlow,
+    "DiscreteSGD": DiscreteSGD,
+    "SGDNoise": SGDNoise,
+}

@@ -327,10 +327,12 @@ class Recorder:
         check = theta.sum() if loss is None else loss.sum() + theta.sum()
         if not torch.isfinite(check):
             return False
-        vectors = torch.stack([theta, grad] if point.velocity is None else [theta, grad, point.velocity])
-        # every law on every vector (and member) at once: (V, ..., P) → (V, ..., Q)
-        flat = vectors.reshape(-1, vectors.shape[-1]).T
-        forms = self.laws.value(flat).T.reshape(*vectors.shape[:-1], self.laws.size)
+        vectors = [theta, grad] if point.velocity is None else [theta, grad, point.velocity]
+        # every law on every vector (and member) at once, as the columns of one (P, …·V) matrix;
+        # for a single θ that matrix is stacked in place, with no transposed copy: (V, …, Q)
+        columns = torch.stack(vectors, dim=-1).movedim(-2, 0)
+        forms = self.laws.value(columns.reshape(columns.shape[0], -1))
+        forms = forms.reshape(-1, *columns.shape[1:]).movedim(0, -1).movedim(-2, 0)
         row: dict[str, Any] = {
             "time": point.time,
             "step": point.step,
