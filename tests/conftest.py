@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,11 @@ def build_problem(model_name: str = "mlp", n: int = 64, weight_decay: float = 0.
         else:
             model = models.cnn.vgg(**{"depth": 2, "width": 4, **model_args})
     return fs.Problem(model, (X, y), weight_decay=weight_decay)
+
+
+def slope(x, y) -> float:
+    """The least-squares slope of log y against log x: a measured order of convergence."""
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
 def relative(a, b) -> float:

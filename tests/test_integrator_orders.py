@@ -13,7 +13,7 @@ import torch
 import flowsim as fs
 from flowsim.integrators import ODE, Exponential, SaveGrid, SciPy
 
-from conftest import build_problem
+from conftest import build_problem, slope
 
 T = 1.0
 STEPS = [1 / 16, 1 / 32, 1 / 64, 1 / 128]  # exact in binary: every grid lands on T; h = 1/4 is not yet asymptotic
@@ -27,10 +27,6 @@ def problem():
 def final_theta(integrator, dynamics, problem, t1=T):
     *_, end = integrator.solve(dynamics, problem, problem.initial_theta(), SaveGrid((0.0, t1)), seed=0)
     return end.theta.clone(), end.nfe
-
-
-def slope(sizes, errors) -> float:
-    return float(np.polyfit(np.log(sizes), np.log(errors), 1)[0])
 
 
 @pytest.fixture(scope="module")

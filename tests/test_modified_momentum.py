@@ -13,16 +13,12 @@ import xarray as xr
 import flowsim as fs
 from flowsim.integrators import ODE, Exponential, SaveGrid
 
-from conftest import build_problem
+from conftest import build_problem, slope
 
 TIGHT = ODE("dopri5", rtol=1e-10, atol=1e-10)
 ACCURATE = ODE("dopri5", rtol=1e-9, atol=1e-9)
 ACCURATE_EXP = Exponential(rtol=1e-8, atol=1e-8)
 LOOSE = ODE("dopri5", rtol=1e-5, atol=1e-5)  # for errors above 1e-2
-
-
-def slope(lrs, errors) -> float:
-    return float(np.polyfit(np.log(lrs), np.log(errors), 1)[0])
 
 
 def run(problem, dynamics, integrator=None, t1=1.0):

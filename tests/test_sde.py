@@ -14,11 +14,7 @@ import flowsim as fs
 from flowsim.integrators import ODE, SDE, FusedEulerMaruyama
 from flowsim.integrators.brownian import brownian_increments
 
-from conftest import build_problem
-
-
-def slope(x, y) -> float:
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+from conftest import build_problem, slope
 
 
 # ---------------------------------------------------------------------------------- the noise
