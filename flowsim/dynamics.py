@@ -374,7 +374,10 @@ class DiscreteSGD(Dynamics):
 
     def step(self, problem: Problem, state: SGDState, k: int, seed: int) -> StepResult:
         """One step of torch.optim.SGD from θ_k."""
-        index = self.batch(problem, k, seed)
+        if getattr(problem, "member_seeds", None) is None:
+            index = self.batch(problem, k, seed)
+        else:  # an ensemble whose members draw their batches from their own seeds: (K, S)
+            index = problem.member_batches(self, k)
         loss, grad = problem.loss_and_grad(state.theta, index)
         d_p = grad.add(state.theta, alpha=problem.weight_decay) if problem.weight_decay else grad
         buffer, velocity = None, None
@@ -389,7 +392,7 @@ class DiscreteSGD(Dynamics):
         return StepResult(SGDState(theta, buffer), grad, velocity, loss, index is None)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=64)  # an ensemble with member seeds asks for one order per member
 def _epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
     """The order in which epoch `epoch` visits the n examples: a permutation seeded by (seed, epoch)."""
     return torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(n), device=device)

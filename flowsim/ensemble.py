@@ -1,7 +1,8 @@
 """Ensembles: K independent copies of one run moved at once, θ a (K, P) batch.
 
 Member k follows exactly the dynamics a run of its own would follow from θ0_k (same data, same
-batch order, same hyper-parameters); only the initial parameters differ. The network's forward
+hyper-parameters, the batch order of the run's seed, or of its own seed s_k when the members are
+given ``member_seeds``); only the initial parameters (and those seeds) differ. The network's forward
 pass is one ``torch.func.vmap`` over the stacked flat θ, and one backward pass gives all
 gradients:
 
@@ -17,6 +18,7 @@ is the wrapped problem's. A dynamics written against ``Problem`` with elementwis
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from .dynamics import DiscreteSGD, Dynamics, GradientFlow, ModifiedFlow
-from .errors import ConfigError, check_number
+from .errors import ConfigError, bad_value, check_number
 from .problem import Problem, _per_example_loss
 
 #: the dynamics an ensemble runs: those that touch the problem only through the batched methods
@@ -40,20 +42,34 @@ class Ensemble:
     #: the record's leading dimension over the members
     dim = "member"
 
-    def __init__(self, problem: Problem, size: int) -> None:
+    def __init__(self, problem: Problem, size: int, member_seeds: tuple[int, ...] | None = None) -> None:
         self.problem = problem
         self.members = (self.dim, size)
+        #: member k's own seed of its mini-batches (``member_batches``), or None: all use the run's seed
+        self.member_seeds = member_seeds
         self._forward_members = vmap(problem._forward, in_dims=(0, None))
+        self._forward_each = vmap(problem._forward, in_dims=(0, 0))
 
     def __getattr__(self, name: str):
         return getattr(self.problem, name)
 
+    def member_batches(self, dynamics: DiscreteSGD, k: int) -> Tensor | None:
+        """Step k's mini-batch of every member, each drawn from its own seed as its own run
+        would draw it: (K, S) example indices, or None for full batch."""
+        rows = [dynamics.batch(self.problem, k, seed) for seed in self.member_seeds]
+        return None if rows[0] is None else torch.stack(rows)
+
     def member_losses(self, theta: Tensor, index: Tensor | None = None) -> Tensor:
-        """L(θ_k) on the examples in `index` for every row of θ (K, P): (K,), differentiable."""
+        """L(θ_k) on the examples in `index` for every row of θ (K, P): (K,), differentiable.
+        `index` is one batch for all members (S,) or one per member (K, S)."""
         problem = self.problem
         X, y = (problem.X, problem.y) if index is None else (problem.X[index], problem.y[index])
-        out = self._forward_members(theta, X)  # (K, n, ...)
-        targets = y.expand(theta.shape[0], *y.shape).flatten(0, 1)
+        if index is not None and index.ndim == 2:  # member k on its own batch X[index[k]]
+            out = self._forward_each(theta, X)
+            targets = y.flatten(0, 1)
+        else:
+            out = self._forward_members(theta, X)  # (K, n, ...)
+            targets = y.expand(theta.shape[0], *y.shape).flatten(0, 1)
         return _per_example_loss(problem.loss_kind, out.flatten(0, 1), targets).view(theta.shape[0], -1).mean(1)
 
     def loss_and_grad(self, theta: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -132,10 +148,24 @@ def check_ensemble(ensemble: int | Tensor | None, dynamics: Dynamics, problem: P
     return check_number("run.ensemble", ensemble, integer=True, minimum=1)
 
 
-def ensemble_start(problem: Problem, ensemble: int | Tensor, seed: int) -> tuple[Ensemble, Tensor]:
+def check_member_seeds(member_seeds: Sequence[int] | None, ensemble: int | Tensor | None) -> tuple[int, ...] | None:
+    """The member_seeds argument of ``simulate``: None, or one seed ≥ 0 per member of `ensemble`."""
+    if member_seeds is None:
+        return None
+    if ensemble is None:
+        raise ConfigError("run.member_seeds: given without run.ensemble; expected None")
+    size = ensemble.shape[0] if isinstance(ensemble, Tensor) else ensemble
+    if isinstance(member_seeds, (str, bytes)) or not isinstance(member_seeds, Sequence) or len(member_seeds) != size:
+        raise bad_value("run.member_seeds", member_seeds, f"a sequence of {size} seeds, one per member")
+    return tuple(check_number(f"run.member_seeds[{k}]", s, integer=True, minimum=0) for k, s in enumerate(member_seeds))
+
+
+def ensemble_start(
+    problem: Problem, ensemble: int | Tensor, seed: int, member_seeds: tuple[int, ...] | None = None
+) -> tuple[Ensemble, Tensor]:
     """The ensemble view of a bound `problem` and its (K, P) initial parameters."""
     if isinstance(ensemble, Tensor):
         theta0 = ensemble.detach().to(device=problem.device, dtype=problem.dtype).clone()
     else:
         theta0 = initial_members(problem, ensemble, seed)
-    return Ensemble(problem, theta0.shape[0]), theta0
+    return Ensemble(problem, theta0.shape[0], member_seeds), theta0

@@ -17,7 +17,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from .config import to_toml
 from .dynamics import Dynamics
-from .ensemble import check_ensemble, ensemble_start
+from .ensemble import check_ensemble, check_member_seeds, ensemble_start
 from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, RecordError, bad_value, check_flag, check_number
 from .integrators import Integrator, SaveGrid
 from .laws import Law, LawSet, detect
@@ -123,6 +123,7 @@ def simulate(
     progress: bool = True,
     config: str | None = None,
     ensemble: int | torch.Tensor | None = None,
+    member_seeds: Sequence[int] | None = None,
 ) -> xr.Dataset:
     """Integrate `dynamics` on `problem` from the model's current parameters and record the laws.
 
@@ -150,6 +151,8 @@ def simulate(
     - `ensemble`: K (or (K, P) initial parameters): K independent copies of the run moved at once
       by torch.func.vmap (flowsim.ensemble); member 0 starts from the model's parameters, member
       k ≥ 1 from a fresh initialisation seeded by (seed, k). The record gains a ``member`` dim.
+    - `member_seeds`: with `ensemble`, one seed per member: member k draws its mini-batches
+      from seed s_k, as the run with ``seed=s_k`` does (the ``seed`` coord runs along ``member``).
 
     **Returns** the run's `xarray.Dataset` (schema in flowsim.record), with
     ``attrs["status"]`` "completed", or "diverged" (NaN/Inf, step-size underflow, max_steps)
@@ -180,14 +183,17 @@ def simulate(
     dynamics.check(problem)
     integrator.check_problem(dynamics, problem)
     ensemble = check_ensemble(ensemble, dynamics, problem)
+    member_seeds = check_member_seeds(member_seeds, ensemble)
 
     # --- 2. bind the problem to device and dtype; the initial point and its laws; what to resume
     problem = problem.to(device=device, dtype=dtype)
     law_set = _law_set(laws, problem)
     theta0 = problem.initial_theta()
     if ensemble is not None:
-        problem, theta0 = ensemble_start(problem, ensemble, seed)
+        problem, theta0 = ensemble_start(problem, ensemble, seed, member_seeds)
     identity = ckpt.fingerprint(problem, dynamics, integrator, t1, save_every, seed, device, dtype, observe, law_set, theta0)
+    if member_seeds is not None:
+        identity["member_seeds"] = list(member_seeds)
     start = ckpt.resume_point(out_path, identity, device) if resume else None
     if isinstance(start, xr.Dataset):  # the run has ended already
         return start
@@ -211,6 +217,8 @@ def simulate(
     if ensemble is not None:
         members = problem.members
         attrs["ensemble"] = members[1]
+        if member_seeds is not None:
+            coords["seed"] = (members[0], list(member_seeds))
     recorder = Recorder(
         problem, law_set, observe, theta0, coords, attrs, out_path, members=members, n_rows=len(grid.times), seed=seed
     )
