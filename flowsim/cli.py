@@ -84,7 +84,15 @@ def _sweep(args: argparse.Namespace) -> int:
     from .sweep import parse_over, sweep
 
     out = args.out if args.out is not None else str(Path(args.config).with_suffix("")) + "_sweep"
-    ds = sweep(args.config, parse_over(args.over), client=args.scheduler, out=out, workers=args.workers, progress=not args.no_progress)
+    ds = sweep(
+        args.config,
+        parse_over(args.over),
+        client=args.scheduler,
+        out=out,
+        workers=args.workers,
+        progress=not args.no_progress,
+        ensemble_seeds=args.ensemble_seeds,
+    )
     statuses = [str(s) for s in ds.status.values.ravel()]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
     print(f"{len(statuses)} runs: {counts} ({ds.attrs['runs_executed']} run now); records in {out}")
@@ -167,6 +175,9 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=2, help="worker processes of the LocalCluster (default 2)")
     sweep.add_argument("--out", help="folder of the runs' zarr stores (default: CONFIG_sweep/ beside the config)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.add_argument(
+        "--ensemble-seeds", action="store_true", help="run the points that differ only by seed as one ensemble task (simulate(ensemble=K))"
+    )
     sweep.set_defaults(func=_sweep)
     return p
 

@@ -10,6 +10,13 @@ that diverges or fails is recorded by its status (``completed``, ``diverged``, `
 the sweep goes on. A point whose store holds a finished run (completed or diverged) of the same
 config is not run again, so calling a sweep again resumes it.
 
+With ``ensemble_seeds=True`` the points that differ only by ``[run] seed`` run as one task,
+one ``simulate(ensemble=K, member_seeds=…)`` whose member k starts from the θ0 of seed s_k and
+draws the batches of seed s_k, so it equals the point's own run (to round-off with the step
+loop or a fixed-step ODE method). Each member is written to its point's store as a run of its
+own. A group whose ensemble does not complete (a member diverged, or it raised) runs again one
+point per task, so every point ends with the status and record of the plain sweep.
+
 The result is one Dataset: every variable of the runs with the sweep's dimensions first
 (``value`` (lr, seed, time, quantity), ``loss`` (lr, seed, time), …), and ``status`` /
 ``status_message`` per point. Times of different points are matched to 12 decimals (SGD's
@@ -35,7 +42,9 @@ import numpy as np
 import xarray as xr
 
 from .config import PROBLEM_KEYS, RUN_KEYS, dumps, load_config
+from .ensemble import ENSEMBLE_DYNAMICS
 from .errors import ConfigError, FlowsimError
+from .record import _replace_dir
 from .simulate import save_grid
 
 #: statuses of a finished run: its point is not run again
@@ -104,6 +113,44 @@ def run_point(text: str, out: str | None) -> tuple[str, str, xr.Dataset | None]:
     return ds.attrs["status"], ds.attrs["status_message"], (ds if out is None else None)
 
 
+def run_members(texts: Sequence[str], outs: Sequence[str | None]) -> list[tuple[str, str, xr.Dataset | None]] | None:
+    """Points that differ only by ``[run] seed`` as one ensemble (runs on a dask worker): member
+    k starts from the θ0 the config builds under seed s_k and draws the batches of seed s_k.
+    Returns each point's (status, message, record if its out is None) as `run_point` does, every
+    member's record written to its own store; or None if the ensemble did not complete (a member
+    diverged, or it raised), for the caller to run the points one by one."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a divergence is retried point by point
+            configs = [load_config(text) for text in texts]
+            seeds = [config.run.get("seed", 0) for config in configs]
+            theta0 = torch.stack([config.problem.initial_theta() for config in configs])
+            ds = configs[0].simulate(seed=seeds[0], ensemble=theta0, member_seeds=seeds, out=None, progress=False)
+    except Exception:  # e.g. a model torch.func.vmap cannot batch: the plain runs say what is wrong
+        return None
+    if ds.attrs["status"] != "completed":
+        return None
+    outcomes = []
+    for k, (text, out) in enumerate(zip(texts, outs)):
+        record = _member_record(ds, k, text)
+        if out is not None:
+            creating = Path(out).with_name(Path(out).name + ".creating")
+            record.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
+            _replace_dir(creating, Path(out))
+        outcomes.append((record.attrs["status"], record.attrs["status_message"], None if out is not None else record))
+    return outcomes
+
+
+def _member_record(ds: xr.Dataset, k: int, text: str) -> xr.Dataset:
+    """Member k of an ensemble record as the record of its own run (config `text`)."""
+    record = ds.isel(member=k).drop_vars("member")
+    attrs = {name: value for name, value in ds.attrs.items() if name != "ensemble"}
+    record.attrs = {**attrs, "seed": int(record.seed), "config": text}
+    return record
+
+
 def _finished(store: Path, text: str) -> bool:
     """Whether `store` holds a finished run of the config `text`."""
     if not store.exists():
@@ -154,6 +201,7 @@ def sweep(
     out: str | os.PathLike | None = None,
     workers: int = 2,
     progress: bool = True,
+    ensemble_seeds: bool = False,
 ) -> xr.Dataset:
     """Run `config` at every point of the grid `over` on dask.distributed and gather the records.
 
@@ -170,9 +218,13 @@ def sweep(
     - `client`: a ``distributed.Client``, a scheduler address (``"tcp://host:8786"``), or None
       for a LocalCluster of `workers` processes, one thread each (closed at the end).
     - `progress`: a tqdm bar counting finished runs.
+    - `ensemble_seeds`: run the points that differ only by ``seed`` (``[run] seed``) as one
+      ensemble task (module docstring); the result is the same Dataset.
 
     **Returns** one Dataset with dims (*over, time, quantity, …) and per-point ``status``.
-    The attrs hold the sweep (``sweep``: JSON of the grid) and ``runs_executed``.
+    The attrs hold the sweep (``sweep``: JSON of the grid) and ``runs_executed`` (points run);
+    with `ensemble_seeds` also ``ensembles_executed`` (groups that completed as one ensemble)
+    and ``ensembles_rerun`` (groups run again point by point).
 
     **Raises** ConfigError before any work if the grid or any point's config is invalid.
     """
@@ -189,6 +241,11 @@ def sweep(
         if not folder.parent.exists():
             raise ConfigError(f"sweep.out: the folder {str(folder.parent)!r} does not exist")
     located = {name: _locate(key, tables) for name, key in zip(grid, over)}
+    seed_name = next((name for name in grid if located[name] == ("run", "seed")), None)
+    if ensemble_seeds and seed_name is None:
+        raise ConfigError("sweep.ensemble_seeds: the sweep has no seed ([run] seed) in over; expected seed=… among its names")
+    if ensemble_seeds and "ensemble" in tables.get("run", {}):
+        raise ConfigError("sweep.ensemble_seeds: the config sets run.ensemble; expected one or the other")
 
     # --- 1. every point's config, validated before any work
     points, texts = [], []
@@ -207,28 +264,51 @@ def sweep(
             save_grid(checked.dynamics, checked.run["t1"], checked.run["save_every"])
         except FlowsimError as exc:
             raise ConfigError(f"sweep point {_point_name(point)}: {exc}") from exc
+        if ensemble_seeds and not isinstance(checked.dynamics, ENSEMBLE_DYNAMICS):
+            names = ", ".join(d.__name__ for d in ENSEMBLE_DYNAMICS)
+            raise ConfigError(f"sweep.ensemble_seeds: {checked.dynamics.name} cannot run as an ensemble; expected one of {names}")
         points.append(point)
         texts.append(text)
     if folder is not None:
         folder.mkdir(exist_ok=True)
     stores = [None if folder is None else folder / f"{_point_name(p)}.zarr" for p in points]
     todo = [i for i, store in enumerate(stores) if store is None or not _finished(store, texts[i])]
+    tasks: dict[tuple, list[int]] = {}  # the points of each task: one, or a group of seeds
+    for i in todo:
+        key = (i,) if not ensemble_seeds else tuple(v for name, v in points[i].items() if name != seed_name)
+        tasks.setdefault(key, []).append(i)
 
     # --- 2. run what is left on the cluster
     outcomes: dict[int, tuple[str, str, xr.Dataset | None]] = {}
+    ensembles = {"ensembles_executed": 0, "ensembles_rerun": 0}
     if todo:
         from distributed import as_completed
         from tqdm.auto import tqdm
 
         dask_client, to_close = _client(client, workers)
+        outs = [None if store is None else str(store) for store in stores]
+
+        def submit(indices: list[int]):
+            if len(indices) == 1:
+                return dask_client.submit(run_point, texts[indices[0]], outs[indices[0]], pure=False)
+            return dask_client.submit(run_members, [texts[i] for i in indices], [outs[i] for i in indices], pure=False)
+
         try:
-            futures = {
-                dask_client.submit(run_point, texts[i], None if stores[i] is None else str(stores[i]), pure=False): i for i in todo
-            }
+            futures = {submit(indices): indices for indices in tasks.values()}
+            running = as_completed(futures)
             with tqdm(total=len(todo), unit="run", desc="sweep", disable=not progress) as bar:
-                for future in as_completed(futures):
-                    outcomes[futures[future]] = future.result()
-                    bar.update()
+                for future in running:
+                    indices, result = futures[future], future.result()
+                    if len(indices) > 1 and result is None:  # the ensemble did not complete: its points one by one
+                        ensembles["ensembles_rerun"] += 1
+                        for i in indices:
+                            retry = submit([i])
+                            futures[retry] = [i]
+                            running.add(retry)
+                        continue
+                    ensembles["ensembles_executed"] += len(indices) > 1
+                    outcomes.update(zip(indices, [result] if len(indices) == 1 else result))
+                    bar.update(len(indices))
         finally:
             for owned in to_close:
                 owned.close()
@@ -246,6 +326,8 @@ def sweep(
     for name in ("status", "status_message"):
         ds[name] = ds[name].astype(str)
     ds.attrs.update(sweep=json.dumps({name: list(v) for name, v in grid.items()}), runs_executed=len(todo))
+    if ensemble_seeds:
+        ds.attrs.update(ensembles)
     return ds
 
 

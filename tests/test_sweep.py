@@ -13,6 +13,7 @@ import pytest
 import xarray as xr
 
 import flowsim as fs
+from conftest import relative
 from flowsim import cli
 from flowsim.sweep import parse_over, sweep
 
@@ -131,3 +132,35 @@ def test_sweep_cli_on_separate_scheduler_and_worker(tmp_path, capsys):
         for process in (worker, scheduler):  # started by this test; no graceful shutdown needed
             process.kill()
             process.wait(30)
+
+
+#: mini-batch SGD with momentum: the seed gives each point its θ0 and its batch order
+MINIBATCH = CONFIG.replace("lr = 0.5", "lr = 0.1\nbatch_size = 8\nmomentum = 0.9").replace("t1 = 30.0", "t1 = 2.0").replace(
+    "save_every = 10.0", "save_every = 0.5"
+)
+
+
+def test_sweep_ensemble_seeds_equals_plain_sweep(tmp_path, client):
+    """ensemble_seeds=True: each lr's two seeds run as one ensemble task; the Dataset has the
+    plain sweep's dims, coords and values (float64, 1e-10 relative), and a second call does no work."""
+    over = {"lr": [0.1, 0.25], "seed": [0, 1]}  # both save at t = 0, 0.5, …: no NaN from unmatched times
+    plain = sweep(MINIBATCH, over=over, client=client, out=tmp_path / "plain", progress=False)
+    out = tmp_path / "ensemble"
+    ds = sweep(MINIBATCH, over=over, client=client, out=out, progress=False, ensemble_seeds=True)
+    assert ds.attrs["ensembles_executed"] == 2 and ds.attrs["ensembles_rerun"] == 0 and ds.attrs["runs_executed"] == 4
+    assert ds.value.dims == plain.value.dims and dict(ds.sizes) == dict(plain.sizes)
+    assert (ds.status == "completed").all()
+    for name in ds.coords:
+        np.testing.assert_array_equal(ds[name].values, plain[name].values, err_msg=name)
+    for name in ("value", "grad_sq", "loss", "grad_norm"):
+        assert relative(ds[name].values, plain[name].values) < 1e-10, name
+    assert relative(plain.loss.sel(seed=0).values, plain.loss.sel(seed=1).values) > 1e-3  # the seeds differ
+    np.testing.assert_array_equal(ds.step.values, plain.step.values)
+    np.testing.assert_array_equal(ds.nfe.values, plain.nfe.values)
+
+    before = mtimes(out)
+    again = sweep(MINIBATCH, over=over, client=client, out=out, progress=False, ensemble_seeds=True)
+    assert again.attrs["runs_executed"] == 0 and again.attrs["ensembles_executed"] == 0 and mtimes(out) == before
+    xr.testing.assert_identical(again.drop_attrs(), ds.drop_attrs())
+    with pytest.raises(fs.ConfigError, match="sweep.ensemble_seeds"):
+        sweep(MINIBATCH, over={"lr": [0.1]}, out=tmp_path / "no_seed", ensemble_seeds=True)
