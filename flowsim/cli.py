@@ -95,7 +95,10 @@ def _sweep(args: argparse.Namespace) -> int:
     )
     statuses = [str(s) for s in ds.status.values.ravel()]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
-    print(f"{len(statuses)} runs: {counts} ({ds.attrs['runs_executed']} run now); records in {out}")
+    ran = f"{ds.attrs['runs_executed']} run now"
+    if args.ensemble_seeds:
+        ran += f", {ds.attrs['ensembles_executed']} ensembles, {ds.attrs['ensembles_rerun']} run again point by point"
+    print(f"{len(statuses)} runs: {counts} ({ran}); records in {out}")
     return 0
 
 

@@ -109,7 +109,8 @@ def test_sweep_bad_grid_refused_before_work(tmp_path):
 
 
 def test_sweep_cli_on_separate_scheduler_and_worker(tmp_path, capsys):
-    """`dask scheduler` and `dask worker ADDRESS` as their own processes; the CLI gets only the address."""
+    """`dask scheduler` and `dask worker ADDRESS` as their own processes; the CLI gets only the
+    address (and runs the two seeds as one ensemble task)."""
     short = CONFIG.replace("t1 = 30.0", "t1 = 20.0")  # 40 steps: this test is about reaching the workers
     config = tmp_path / "run.toml"
     config.write_text(short)
@@ -122,10 +123,11 @@ def test_sweep_cli_on_separate_scheduler_and_worker(tmp_path, capsys):
     worker = subprocess.Popen([*dask, "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--preload", "flowsim.sweep"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         out = tmp_path / "sweep"
-        code = cli.main(["sweep", str(config), "--over", "lr=0.5", "--over", "seed=0:2", "--scheduler", address, "--out", str(out), "--no-progress"])
+        code = cli.main(["sweep", str(config), "--over", "lr=0.5", "--over", "seed=0:2", "--scheduler", address, "--out", str(out), "--no-progress", "--ensemble-seeds"])
         assert code == 0, capsys.readouterr()
-        assert "2 runs: 2 completed" in capsys.readouterr().out
-        ds = sweep(short, over={"lr": [0.5], "seed": [0, 1]}, out=out, progress=False)  # all done: no cluster needed
+        assert "2 runs: 2 completed (2 run now, 1 ensembles, 0 run again" in capsys.readouterr().out
+        # all done (the stores of the ensemble's members are those of plain runs): no cluster needed
+        ds = sweep(short, over={"lr": [0.5], "seed": [0, 1]}, out=out, progress=False)
         assert ds.attrs["runs_executed"] == 0 and (ds.status == "completed").all()
         assert (ds.loss.isel(time=-1) < ds.loss.isel(time=0)).all() and ds.sizes["time"] == 3
     finally:
@@ -164,3 +166,36 @@ def test_sweep_ensemble_seeds_equals_plain_sweep(tmp_path, client):
     xr.testing.assert_identical(again.drop_attrs(), ds.drop_attrs())
     with pytest.raises(fs.ConfigError, match="sweep.ensemble_seeds"):
         sweep(MINIBATCH, over={"lr": [0.1]}, out=tmp_path / "no_seed", ensemble_seeds=True)
+
+
+#: f(x) = w2 (w1·x), one hidden unit, no bias: the seed draws w1 and w2, and with them the
+#: sharpness at θ0: λ_max = 4.71 for seed 39 (|w2| = 0.78), 0.86 for seed 1 (|w2| = 0.14).
+#: Full-batch GD at lr 1.5 blows up for seed 39 (it does for every lr in [1.0, 2.2], within
+#: 20 steps) and trains for seed 1 (it does for every lr up to 2.2); lr 0.25 < 2/λ_max for both.
+ONE_DIVERGES = CONFIG.replace("width = 4", 'width = 1\nactivation = "identity"\nbias = false').replace("t1 = 30.0", "t1 = 15.0").replace(
+    "save_every = 10.0", "save_every = 3.0"
+)
+
+
+@pytest.mark.parametrize("ensemble_seeds", [False, True])
+def test_sweep_one_point_diverges(tmp_path, client, ensemble_seeds):
+    """2 × 2 (lr × seed) where exactly one point diverges: it has status "diverged" with the
+    reason, the three others complete with the records of their runs made one by one. With
+    ensemble_seeds the lr = 1.5 ensemble diverges and its two seeds run again one by one."""
+    over = {"lr": [0.25, 1.5], "seed": [1, 39]}
+    ds = sweep(ONE_DIVERGES, over=over, client=client, out=tmp_path / "sweep", progress=False, ensemble_seeds=ensemble_seeds)
+    status = {(lr, seed): str(ds.status.sel(lr=lr, seed=seed).values) for lr in over["lr"] for seed in over["seed"]}
+    assert status == {(0.25, 1): "completed", (0.25, 39): "completed", (1.5, 1): "completed", (1.5, 39): "diverged"}
+    assert "non-finite loss or parameters" in str(ds.status_message.sel(lr=1.5, seed=39).values)
+    if ensemble_seeds:
+        assert ds.attrs["ensembles_executed"] == 1 and ds.attrs["ensembles_rerun"] == 1
+    for (lr, seed), expected in status.items():
+        text = ONE_DIVERGES.replace("lr = 0.5", f"lr = {lr}").replace("[run]", f"[run]\nseed = {seed}")
+        with pytest.warns(RuntimeWarning) if expected == "diverged" else _nothing():
+            alone = fs.run_config(text, progress=False)
+        assert alone.attrs["status"] == expected
+        point = ds.sel(lr=lr, seed=seed).dropna("time", how="all", subset=["loss"])
+        assert point.sizes["time"] == alone.sizes["time"] >= 2
+        for name in ("value", "loss"):
+            assert relative(point[name].values, alone[name].values) < (1e-10 if ensemble_seeds else 1e-300), (lr, seed, name)
+    assert float(ds.loss.sel(lr=1.5, seed=1).isel(time=-1)) < 0.8 * float(ds.loss.sel(lr=1.5, seed=1).isel(time=0))
