@@ -3,8 +3,9 @@
 Member k follows exactly the dynamics a run of its own would follow from θ0_k (same data, same
 hyper-parameters, the batch order of the run's seed, or of its own seed s_k when the members are
 given ``member_seeds``); only the initial parameters (and those seeds) differ. The network's forward
-pass is one ``torch.func.vmap`` over the stacked flat θ, and one backward pass gives all
-gradients:
+pass is one ``torch.func.vmap`` over the stacked flat θ (or, for a plain stack of Linear
+layers and elementwise activations, the same batching written out: ``StackedLayers``), and one
+backward pass gives all gradients:
 
     (L_k, ĝ_k) = (L(θ_k), ∇_θ_k Σ_j L(θ_j)) = (L(θ_k), ∇L(θ_k)),  k = 0 … K−1.
 
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import vmap
 
 from .dynamics import DiscreteSGD, Dynamics, GradientFlow, ModifiedFlow
@@ -49,6 +50,8 @@ class Ensemble:
         self.member_seeds = member_seeds
         self._forward_members = vmap(problem._forward, in_dims=(0, None))
         self._forward_each = vmap(problem._forward, in_dims=(0, 0))
+        #: the hand-batched forward pass of an MLP-like network, or None (vmap)
+        self.stacked = StackedLayers.of(problem)
 
     def __getattr__(self, name: str):
         return getattr(self.problem, name)
@@ -64,12 +67,12 @@ class Ensemble:
         `index` is one batch for all members (S,) or one per member (K, S)."""
         problem = self.problem
         X, y = (problem.X, problem.y) if index is None else (problem.X[index], problem.y[index])
-        if index is not None and index.ndim == 2:  # member k on its own batch X[index[k]]
-            out = self._forward_each(theta, X)
-            targets = y.flatten(0, 1)
+        each = index is not None and index.ndim == 2  # member k on its own batch X[index[k]]
+        if self.stacked is not None:
+            out = self.stacked(self.problem.unflatten(theta), X, shared=not each)
         else:
-            out = self._forward_members(theta, X)  # (K, n, ...)
-            targets = y.expand(theta.shape[0], *y.shape).flatten(0, 1)
+            out = (self._forward_each if each else self._forward_members)(theta, X)  # (K, n, ...)
+        targets = y.flatten(0, 1) if each else y.expand(theta.shape[0], *y.shape).flatten(0, 1)
         return _per_example_loss(problem.loss_kind, out.flatten(0, 1), targets).view(theta.shape[0], -1).mean(1)
 
     def loss_and_grad(self, theta: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -105,6 +108,64 @@ class Ensemble:
         member meets the tolerance it would meet alone (the plain RMS over all K·P entries would
         let one member's error be diluted by the others)."""
         return ratio.reshape(self.members[1], -1).square().mean(1).sqrt().max()
+
+
+#: parameter-free modules that act on every entry alone, so they apply to a (K, n, f) batch as they are
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Identity, nn.GELU, nn.Sigmoid, nn.SiLU, nn.ELU, nn.Softplus)
+
+
+class StackedLayers:
+    """The K members' forward pass of an ``nn.Sequential`` of ``nn.Flatten`` modules, then
+    ``nn.Linear`` layers and elementwise activations (the zoo's ``mlp``), batched by hand:
+
+        H_1 = X [W1_1; …; W1_K]ᵀ + b1   (one GEMM: the members share X),
+        H_l = baddbmm(b_l, H_{l−1}, W_lᵀ)  (one batched GEMM over the members),
+
+    the activations applied to the (K, n, f) batch as they are. This is what vmap computes,
+    without its per-operation dispatch, and with the first layer as one GEMM instead of K small
+    ones (vmap expands X and calls bmm). `of(problem)` returns None for any other network."""
+
+    def __init__(self, prefix: list[nn.Module], layers: list[tuple[str, nn.Module]]) -> None:
+        self.prefix, self.layers = prefix, layers
+
+    @classmethod
+    def of(cls, problem: Problem) -> StackedLayers | None:
+        net = problem._net
+        if not isinstance(net, nn.Sequential):
+            return None
+        children = list(net.named_children())
+        n_prefix = next((i for i, (_, m) in enumerate(children) if not isinstance(m, nn.Flatten)), len(children))
+        prefix, layers = [m for _, m in children[:n_prefix]], children[n_prefix:]
+        if any(m.start_dim != 1 or m.end_dim != -1 for m in prefix):
+            return None
+        if not layers or not isinstance(layers[0][1], nn.Linear) or not all(isinstance(m, (nn.Linear, *ELEMENTWISE)) for _, m in layers):
+            return None
+        linear_params = [f"{name}.{p}" for name, m in layers if isinstance(m, nn.Linear) for p, _ in m.named_parameters()]
+        if sorted(linear_params) != sorted(problem.names):  # a frozen parameter: let vmap handle it
+            return None
+        features = nn.Sequential(*prefix)(problem.X[:1])
+        return cls(prefix, layers) if features.ndim == 2 else None
+
+    def __call__(self, params: dict[str, Tensor], X: Tensor, shared: bool = True) -> Tensor:
+        """f(X; θ_k) for every member: `params` the (K, …) views of θ (``Problem.unflatten``),
+        X the examples all members see (n, …), or (``shared=False``) one batch per member (K, n, …)."""
+        size = next(iter(params.values())).shape[0]
+        h = X if shared else X.flatten(0, 1)
+        for module in self.prefix:
+            h = module(h)
+        if not shared:
+            h = h.view(size, -1, h.shape[-1])
+        for name, module in self.layers:
+            if not isinstance(module, nn.Linear):
+                h = module(h)
+                continue
+            weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
+            if h.ndim == 2:  # (n, f) shared by the members: one GEMM, (n, K·out) → (K, n, out)
+                h = (h @ weight.flatten(0, 1).T).view(h.shape[0], size, -1).transpose(0, 1)
+                h = h if bias is None else h + bias[:, None]
+            else:
+                h = torch.bmm(h, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias[:, None], h, weight.transpose(1, 2))
+        return h
 
 
 def member_seed(seed: int, member: int) -> int:
