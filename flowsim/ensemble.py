@@ -73,7 +73,12 @@ class Ensemble:
         else:
             out = (self._forward_each if each else self._forward_members)(theta, X)  # (K, n, ...)
         targets = y.flatten(0, 1) if each else y.expand(theta.shape[0], *y.shape).flatten(0, 1)
-        return _per_example_loss(problem.loss_kind, out.flatten(0, 1), targets).view(theta.shape[0], -1).mean(1)
+        out = out.flatten(0, 1)
+        if problem.loss_kind == "cross_entropy" and out.ndim == 2 and not targets.is_floating_point():
+            losses = _cross_entropy_long(out, targets)
+        else:
+            losses = _per_example_loss(problem.loss_kind, out, targets)
+        return losses.view(theta.shape[0], -1).mean(1)
 
     def loss_and_grad(self, theta: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(L(θ_k), ∇L(θ_k)) for every row θ_k of a (K, P) θ on the examples in `index`: (K,), (K, P).
@@ -108,6 +113,15 @@ class Ensemble:
         member meets the tolerance it would meet alone (the plain RMS over all K·P entries would
         let one member's error be diluted by the others)."""
         return ratio.reshape(self.members[1], -1).square().mean(1).sqrt().max()
+
+
+def _cross_entropy_long(logits: Tensor, labels: Tensor) -> Tensor:
+    """ℓ_i = m_i + log Σ_c exp(z_ic − m_i) − z_{i,y_i}, m_i = max_c z_ic, for (M, C) logits: the
+    reductions run over a (C, M) view, along the long axis of the K·n rows of an ensemble
+    (``cross_entropy``'s log_softmax over a short class axis is its slowest step there)."""
+    columns = logits.T
+    peak = columns.detach().amax(0)
+    return (columns - peak).exp().sum(0).log() + peak - logits.gather(1, labels[:, None])[:, 0]
 
 
 #: parameter-free modules that act on every entry alone, so they apply to a (K, n, f) batch as they are
@@ -161,8 +175,9 @@ class StackedLayers:
                 continue
             weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
             if h.ndim == 2:  # (n, f) shared by the members: one GEMM, (n, K·out) → (K, n, out)
-                h = (h @ weight.flatten(0, 1).T).view(h.shape[0], size, -1).transpose(0, 1)
-                h = h if bias is None else h + bias[:, None]
+                stacked = weight.flatten(0, 1).T
+                h = h @ stacked if bias is None else torch.addmm(bias.flatten(), h, stacked)
+                h = h.view(h.shape[0], size, -1).transpose(0, 1)
             else:
                 h = torch.bmm(h, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias[:, None], h, weight.transpose(1, 2))
         return h
