@@ -238,11 +238,14 @@ class Problem:
         return total, self._flat_grad.clone()
 
     def weighted_grad(self, theta: Tensor, weights: Tensor) -> Tensor:
-        """∇_θ Σ_i w_i ℓ_i(θ) over all N examples: one forward+backward (not chunked)."""
+        """∇_θ Σ_i w_i ℓ_i(θ) over all N examples: one forward+backward of the flat-buffer
+        network, as ``loss_and_grad`` (not chunked: BatchNorm couples the examples)."""
+        with torch.no_grad():
+            self._flat.copy_(theta)
+            self._flat_grad.zero_()
         with torch.enable_grad():
-            leaf = theta.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.per_example_losses(leaf) @ weights, leaf)
-        return grad
+            (_per_example_loss(self.loss_kind, self._net(self.X), self.y) @ weights).backward()
+        return self._flat_grad.clone()
 
     def hvp(self, theta: Tensor, v: Tensor, index: Tensor | None = None) -> Tensor:
         """H(θ) v with H = ∇²L (data loss, no penalty), by double backward."""

@@ -1,7 +1,7 @@
 """Neural Mechanics (Kunin et al., ICLR 2021) on digits: the broken laws follow their predictions.
 
 A VGG-style CNN (``models.cnn.vgg``, 3 conv blocks of 8 channels, with and without BatchNorm)
-is trained by PyTorch's SGD in float32 with batch 64, weight decay λ ∈ {0, 1e-4, 5e-4, 1e-3} and
+is trained by PyTorch's SGD (float64 by default, float32 with ``--dtype float32``) with batch 64, weight decay λ ∈ {0, 1e-4, 5e-4, 1e-3} and
 momentum β ∈ {0, 0.9, 0.99}, recording every step. For each run ``flowsim.theory.predict``
 gives the exact discrete recursion and the continuous solution (first order without momentum,
 in both rate variants; the damped oscillator with it), and the study tabulates the largest
@@ -13,15 +13,18 @@ error of each against the measured laws, relative to each component's range over
 2,000 steps give λt/(1−β) = 2. BatchNorm runs use PyTorch's eps = 1e-5, which breaks the scale
 symmetry at order eps/Var; twins at eps = 1e-12 (λ = 1e-3, every β) isolate the error eps adds.
 
-    python studies/neural_mechanics.py [--out out/neural_mechanics] [--decays 0 1e-3] [--momenta 0 0.9]
-                                       [--only plain|bn] [--quick] [--overwrite] [--table-only]
+    python studies/neural_mechanics.py [--out out/neural_mechanics] [--dtype float64|float32] [--decays 0 1e-3]
+                                       [--momenta 0 0.9] [--only plain|bn] [--quick] [--overwrite] [--table-only]
 
-Writes one record per run (``<name>.zarr``, reused when complete unless --overwrite), the
+float64 measures the modelling error of the predictions alone; float32 adds the round-off of
+training in single precision, which moves a conserved quantity (a translation law at λ = 0) by
+more than its exact range. Writes into ``<out>/<dtype>/`` one record per run
+(``<name>.zarr``, reused when complete unless --overwrite), the
 table (``table.md``, also printed) and the figure ``neural_mechanics.png``: classifier column
 sums (translation), squared channel norms before BatchNorm (scale) and differences of
 consecutive layers' squared channel norms (rescale), with the continuous prediction dashed.
-The full grid is 27 runs, 124,000 steps: about 40 minutes at the ~18 ms a step of a busy
-2-core machine. ``--decays``/``--momenta``/``--only`` run part of it (the table and figure then
+The full grid is 27 runs, 126,000 steps: about 13 minutes per dtype at the ~6 ms a step of
+a quiet core. ``--decays``/``--momenta``/``--only`` run part of it (the table and figure then
 cover what was run); since complete records are reused, parts can run in parallel and a last
 call with ``--table-only`` writes the combined table of every complete record. ``--quick``: a fifth of the steps.
 """
@@ -53,7 +56,15 @@ FIGURE_DECAY = 1e-3
 
 
 def run(
-    out: Path, batch_norm: bool, lam: float, beta: float, eps: float, quick: bool, overwrite: bool, table_only: bool = False
+    out: Path,
+    batch_norm: bool,
+    lam: float,
+    beta: float,
+    eps: float,
+    dtype: str,
+    quick: bool,
+    overwrite: bool,
+    table_only: bool = False,
 ) -> xr.Dataset | None:
     """One training run, every step recorded (reused from `out` when complete; None if it is
     not and `table_only`)."""
@@ -74,14 +85,14 @@ def run(
     dynamics = fs.DiscreteSGD(lr=lr, batch_size=BATCH, momentum=beta)
     print(f"  {name}: {steps} steps at η = {lr:g}", flush=True)
     return fs.simulate(
-        problem, dynamics, t1=steps * lr, save_every=lr, seed=SEED, observe=(), dtype="float32", out=path, overwrite=True
+        problem, dynamics, t1=steps * lr, save_every=lr, seed=SEED, observe=(), dtype=dtype, out=path, overwrite=True
     )
 
 
 def errors(ds: xr.Dataset) -> dict[str, float | str]:
     """Largest error of each prediction kind over time and components. "continuous − discrete"
     compares the continuous solution with the exact recursion instead of the measurement: the
-    modelling error alone, free of the float32 round-off both share against the record."""
+    modelling error alone, free of the round-off both share against the record."""
     discrete = fs.theory.predict(ds, "discrete")
     out = {
         "discrete / value": float(fs.theory.error(discrete, "value").max()),
@@ -127,7 +138,7 @@ def label(ds: xr.Dataset, batch_norm: bool, eps: float) -> str:
     return f"{bn}, β={float(ds.momentum):g}, η={float(ds.lr):g}, λ={float(ds.weight_decay):g}, {int(ds.step[-1])} steps"
 
 
-def figure(records: dict[tuple[bool, float], xr.Dataset], path: Path) -> None:
+def figure(records: dict[tuple[bool, float], xr.Dataset], dtype: str, path: Path) -> None:
     """Rows: β. Columns: translation (no BN), scale (BN), rescale (no BN), as in the paper's Fig. 5."""
     panels = (("translation", False, "classifier column sums"), ("scale", True, "squared channel norms before BN"))
     panels += (("rescale", False, "differences of consecutive squared channel norms"),)
@@ -151,13 +162,14 @@ def figure(records: dict[tuple[bool, float], xr.Dataset], path: Path) -> None:
             ax.set_title(f"{kind}: {title}\n{where}{'BN' if batch_norm else 'no BN'}, β={beta:g}, η={float(ds.lr):g}", fontsize=8)
             ax.set_xlabel("t = k·η", fontsize=8)
             ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"Neural mechanics on digits: VGG-style CNN, SGD, batch {BATCH}, λ = {FIGURE_DECAY:g}, float32", fontsize=10)
+    fig.suptitle(f"Neural mechanics on digits: VGG-style CNN, SGD, batch {BATCH}, λ = {FIGURE_DECAY:g}, {dtype}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(
     out: Path,
+    dtype: str,
     decays: tuple[float, ...],
     momenta: tuple[float, ...],
     norms: tuple[bool, ...],
@@ -165,27 +177,28 @@ def main(
     overwrite: bool,
     table_only: bool,
 ) -> None:
+    out = out / dtype
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     rows, eps_rows, figure_records = [], [], {}
     for batch_norm, beta, lam in itertools.product(norms, momenta, decays):
-        ds = run(out, batch_norm, lam, beta, DEFAULT_EPS, quick, overwrite, table_only)
+        ds = run(out, batch_norm, lam, beta, DEFAULT_EPS, dtype, quick, overwrite, table_only)
         if ds is None:
             continue
         rows.append((label(ds, batch_norm, DEFAULT_EPS), errors(ds)))
         if lam == FIGURE_DECAY:
             figure_records[batch_norm, beta] = ds
-            exact = run(out, True, lam, beta, EXACT_EPS, quick, overwrite, table_only) if batch_norm else None
+            exact = run(out, True, lam, beta, EXACT_EPS, dtype, quick, overwrite, table_only) if batch_norm else None
             if exact is not None:
                 eps_rows.append((label(ds, True, DEFAULT_EPS), errors(ds), label(exact, True, EXACT_EPS), errors(exact)))
-    text = "Maximum error of each prediction over the run and the law components (float32):\n\n" + table(rows)
+    text = f"Maximum error of each prediction over the run and the law components ({dtype}):\n\n" + table(rows)
     text += "\n\nThe error BatchNorm's eps adds (same runs at eps = 1e-12):\n\n" + table(
         [r for default, e_default, exact, e_exact in eps_rows for r in ((default, e_default), (exact, e_exact))]
     )
     (out / "table.md").write_text(text + "\n")
     print(text)
     if set(figure_records) == set(itertools.product((False, True), MOMENTA)):
-        figure(figure_records, out / "neural_mechanics.png")
+        figure(figure_records, dtype, out / "neural_mechanics.png")
         print(f"wrote {out}/neural_mechanics.png")
     print(f"wrote {out}/table.md and one record per run")
 
@@ -193,6 +206,7 @@ def main(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/neural_mechanics"))
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="training precision")
     parser.add_argument("--decays", type=float, nargs="+", default=WEIGHT_DECAYS, choices=WEIGHT_DECAYS, help="λ to run")
     parser.add_argument("--momenta", type=float, nargs="+", default=tuple(MOMENTA), choices=tuple(MOMENTA), help="β to run")
     parser.add_argument("--only", choices=("plain", "bn"), help="only the CNN without (plain) or with BatchNorm (bn)")
@@ -201,4 +215,4 @@ if __name__ == "__main__":
     parser.add_argument("--table-only", action="store_true", help="no runs: table and figure from the complete records in --out")
     args = parser.parse_args()
     norms = {"plain": (False,), "bn": (True,), None: (False, True)}[args.only]
-    main(args.out, tuple(args.decays), tuple(args.momenta), norms, args.quick, args.overwrite, args.table_only)
+    main(args.out, args.dtype, tuple(args.decays), tuple(args.momenta), norms, args.quick, args.overwrite, args.table_only)
