@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .checkpoint import checkpoint_path
 from .config import PROBLEM_KEYS, RUN_KEYS, dumps, load_config
 from .ensemble import ENSEMBLE_DYNAMICS
 from .errors import ConfigError, FlowsimError
@@ -135,10 +136,12 @@ def run_members(texts: Sequence[str], outs: Sequence[str | None]) -> list[tuple[
     outcomes = []
     for k, (text, out) in enumerate(zip(texts, outs)):
         record = _member_record(ds, k, text)
-        if out is not None:
-            creating = Path(out).with_name(Path(out).name + ".creating")
+        if out is not None:  # as simulate(overwrite=True) would: a stale record and its checkpoint go
+            store = Path(out)
+            checkpoint_path(store).unlink(missing_ok=True)
+            creating = store.with_name(store.name + ".creating")
             record.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
-            _replace_dir(creating, Path(out))
+            _replace_dir(creating, store)
         outcomes.append((record.attrs["status"], record.attrs["status_message"], None if out is not None else record))
     return outcomes
 
