@@ -17,6 +17,7 @@ is the wrapped problem's. A dynamics written against ``Problem`` with elementwis
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -47,6 +48,12 @@ class Ensemble:
 
     def __getattr__(self, name: str):
         return getattr(self.problem, name)
+
+    def compiled_gradient(self) -> Ensemble:
+        """Itself: an ensemble's vmapped forward pass and its one backward pass stay eager
+        (``integrator.compile`` compiles single problems only; a warning says so)."""
+        warnings.warn("compile: an ensemble evaluates its members' gradients eagerly (not compiled)", RuntimeWarning, stacklevel=2)
+        return self
 
     def member_losses(self, theta: Tensor, index: Tensor | None = None) -> Tensor:
         """L(θ_k) on the examples in `index` for every row of θ (K, P): (K,), differentiable."""

@@ -247,6 +247,16 @@ def test_compile_switch(smooth, monkeypatch):
     assert problem._compiled_grad is None  # the twin compiled, not the problem the user holds
 
 
+def test_compile_leaves_an_ensemble_eager():
+    """An ensemble's members keep their eager vmapped gradient under compile=True, and say so."""
+    problem = build_problem(n=32, width=6)
+    run = dict(t1=0.2, save_every=0.1, ensemble=2, progress=False)
+    with pytest.warns(RuntimeWarning, match="eagerly"):
+        ds = fs.simulate(problem, fs.GradientFlow(), RK("rk4", compile=True), **run)
+    eager = fs.simulate(problem, fs.GradientFlow(), RK("rk4"), **run)
+    assert ds.attrs["status"] == "completed" and (ds.value == eager.value).all()
+
+
 @pytest.mark.skipif(not os.environ.get("FLOWSIM_TEST_COMPILE"), reason="torch.compile takes tens of seconds on CPU: FLOWSIM_TEST_COMPILE=1")
 def test_compiled_vector_field_equals_eager(smooth):
     """The real torch.compile: the same steps, and states to 1e-12 relative."""
