@@ -215,12 +215,14 @@ class RK(Integrator):
         """No checkpoints yet (SavePoint.checkpoint is None): a resumed run starts over, and
         `start` is never given."""
         y0 = dynamics.initial_state(problem, theta0)
-        f = vector_field(dynamics, problem, compile=self.compile)
-        loop = (_AdaptiveLoop if self.tableau.adaptive else _FixedLoop)(self, f, y0, grid)
+        field, shape = vector_field(dynamics, problem, compile=self.compile), y0.shape
+        # an ensemble's (K, …) state runs flat (its error norm is over every entry, as torchdiffeq's)
+        f = field if y0.ndim == 1 else lambda t, y, out: field(t, y.view(shape), out.view(shape))
+        loop = (_AdaptiveLoop if self.tableau.adaptive else _FixedLoop)(self, f, y0.reshape(-1), grid)
         # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
         yield SavePoint(grid.times[0], 0, loop.state.nfe, *dynamics.split(problem, y0))
         for time in grid.times[1:]:
-            theta, velocity = dynamics.split(problem, loop.advance(time))
+            theta, velocity = dynamics.split(problem, loop.advance(time).view(shape))
             yield SavePoint(time, loop.state.accepted, loop.state.nfe, theta, velocity=velocity)
 
 
