@@ -38,6 +38,13 @@ def _per_example_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
     return (output - target).square().flatten(1).mean(1)
 
 
+def _batch_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
+    """L = mean_i ℓ_i by PyTorch's own reductions (what a plain training loop computes)."""
+    if kind == "cross_entropy":
+        return nn.functional.cross_entropy(output, target)
+    return nn.functional.mse_loss(output, target)
+
+
 class Problem:
     """A model, its data, a loss and weight decay, seen as functions of a flat parameter vector.
 
@@ -220,8 +227,7 @@ class Problem:
     def _mean_loss(self, index: Tensor | None, weight: float = 1.0) -> Tensor:
         """weight · mean_i∈index ℓ_i, evaluated by the flat-buffer network (PyTorch's reductions)."""
         X, y = (self.X, self.y) if index is None else (self.X[index], self.y[index])
-        out = self._net(X)
-        loss = nn.functional.cross_entropy(out, y) if self.loss_kind == "cross_entropy" else nn.functional.mse_loss(out, y)
+        loss = _batch_loss(self.loss_kind, self._net(X), y)
         return loss if weight == 1.0 else loss * weight
 
     def loss_and_grad(self, theta: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -259,15 +265,12 @@ class Problem:
         problems stay eager. If compiling or running the compiled code fails, the twin warns
         once and evaluates eagerly from then on."""
         twin = copy.copy(self)
-        twin._compiled_grad = torch.compile(torch.func.grad_and_value(self._full_batch_loss), fullgraph=True, dynamic=False)
-        return twin
 
-    def _full_batch_loss(self, theta: Tensor) -> Tensor:
-        """L(θ) over all examples as a pure function of θ (PyTorch's mean reductions)."""
-        out = self._forward(theta, self.X)
-        if self.loss_kind == "cross_entropy":
-            return nn.functional.cross_entropy(out, self.y)
-        return nn.functional.mse_loss(out, self.y)
+        def loss(theta: Tensor) -> Tensor:
+            return _batch_loss(self.loss_kind, self._forward(theta, self.X), self.y)
+
+        twin._compiled_grad = torch.compile(torch.func.grad_and_value(loss), fullgraph=True, dynamic=False)
+        return twin
 
     def weighted_grad(self, theta: Tensor, weights: Tensor) -> Tensor:
         """∇_θ Σ_i w_i ℓ_i(θ) over all N examples: one forward+backward of the flat-buffer
