@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -21,25 +22,32 @@ def digits_model(kind: str, dtype: torch.dtype, seed: int = 0):
 
 
 def alternate(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Time each candidate `repeats` times, interleaved so that machine noise hits all alike."""
+    """Time each candidate `repeats` times, interleaved so that machine noise hits all alike:
+    every round runs each candidate once, in a fresh (seeded) random order, so that none
+    always follows the same one."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    order, shuffle = list(candidates), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in candidates.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            candidates[name]()
             times[name].append(time.perf_counter() - start)
     return times
 
 
 def report(times: dict[str, list[float]], baseline: str, unit: float = 1e3, label: str = "ms") -> None:
-    base = statistics.median(times[baseline])
+    """Median and IQR of each candidate, and its ratio to `baseline`: the median over rounds
+    of the ratio within a round (paired, so that load drifting between rounds cancels)."""
+    base = times[baseline]
     for name, ts in times.items():
         med = statistics.median(ts)
-        q1, q3 = statistics.quantiles(ts, n=4)[0], statistics.quantiles(ts, n=4)[2]
-        print(f"  {name:<34} median {med * unit:9.3f} {label}  (IQR {q1 * unit:.3f}–{q3 * unit:.3f})  ratio {med / base:5.2f}×")
+        q1, _, q3 = statistics.quantiles(ts, n=4)
+        ratio = statistics.median(t / b for t, b in zip(ts, base))
+        print(f"  {name:<34} median {med * unit:9.3f} {label}  (IQR {q1 * unit:.3f}–{q3 * unit:.3f})  ratio {ratio:5.2f}×")
 
 
 def machine() -> str:

@@ -19,6 +19,7 @@ is the wrapped problem's. A dynamics written against ``Problem`` with elementwis
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,6 +62,12 @@ class Ensemble:
         would draw it: (K, S) example indices, or None for full batch."""
         rows = [dynamics.batch(self.problem, k, seed) for seed in self.member_seeds]
         return None if rows[0] is None else torch.stack(rows)
+
+    def compiled_gradient(self) -> Ensemble:
+        """Itself: an ensemble's vmapped forward pass and its one backward pass stay eager
+        (``integrator.compile`` compiles single problems only; a warning says so)."""
+        warnings.warn("compile: an ensemble evaluates its members' gradients eagerly (not compiled)", RuntimeWarning, stacklevel=2)
+        return self
 
     def member_losses(self, theta: Tensor, index: Tensor | None = None) -> Tensor:
         """L(θ_k) on the examples in `index` for every row of θ (K, P): (K,), differentiable.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,13 @@ def _per_example_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
     if kind == "cross_entropy":
         return nn.functional.cross_entropy(output, target, reduction="none")
     return (output - target).square().flatten(1).mean(1)
+
+
+def _batch_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
+    """L = mean_i ℓ_i by PyTorch's own reductions (what a plain training loop computes)."""
+    if kind == "cross_entropy":
+        return nn.functional.cross_entropy(output, target)
+    return nn.functional.mse_loss(output, target)
 
 
 class Problem:
@@ -91,6 +99,7 @@ class Problem:
         reference = named[0][1]
         self.device, self.dtype = reference.device, reference.dtype
         self._net, self._flat, self._flat_grad = _flat_network(model, self.names, self.sizes)
+        self._compiled_grad: Any = None  # set on the twin that compiled_gradient() returns
 
         self.X, self.y = self._check_data(data)
         self.output_shape = self._probe_output()
@@ -218,14 +227,25 @@ class Problem:
     def _mean_loss(self, index: Tensor | None, weight: float = 1.0) -> Tensor:
         """weight · mean_i∈index ℓ_i, evaluated by the flat-buffer network (PyTorch's reductions)."""
         X, y = (self.X, self.y) if index is None else (self.X[index], self.y[index])
-        out = self._net(X)
-        loss = nn.functional.cross_entropy(out, y) if self.loss_kind == "cross_entropy" else nn.functional.mse_loss(out, y)
+        loss = _batch_loss(self.loss_kind, self._net(X), y)
         return loss if weight == 1.0 else loss * weight
 
     def loss_and_grad(self, theta: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(L(θ), ĝ = ∇L(θ)) on the examples in `index` (all by default): one forward+backward
         of the network, whose parameters are views of one flat buffer holding θ; the gradient
-        accumulates into views of one flat gradient buffer."""
+        accumulates into views of one flat gradient buffer. On a ``compiled_gradient()`` twin
+        the full-batch evaluation is the compiled function instead."""
+        if self._compiled_grad is not None and index is None and len(self._parts(None)) == 1:
+            try:
+                grad, loss = self._compiled_grad(theta)
+                return loss, grad
+            except Exception as exc:  # any failure of the compiler: carry on eagerly
+                warnings.warn(
+                    f"compile: torch.compile failed ({type(exc).__name__}: {exc}); evaluating the gradient eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._compiled_grad = None
         with torch.no_grad():
             self._flat.copy_(theta)
             self._flat_grad.zero_()
@@ -236,6 +256,21 @@ class Problem:
                 loss.backward()
                 total = total + loss.detach()
         return total, self._flat_grad.clone()
+
+    def compiled_gradient(self) -> Problem:
+        """A twin of this problem (the same network, data and buffers) whose full-batch
+        ``loss_and_grad`` is one ``torch.compile``d function θ ↦ (∇L, L): torch.func's
+        grad_and_value through ``functional_call``, so the forward and backward passes are one
+        graph (elementwise work fused, no copy of θ in or of ĝ out). Mini-batches and chunked
+        problems stay eager. If compiling or running the compiled code fails, the twin warns
+        once and evaluates eagerly from then on."""
+        twin = copy.copy(self)
+
+        def loss(theta: Tensor) -> Tensor:
+            return _batch_loss(self.loss_kind, self._forward(theta, self.X), self.y)
+
+        twin._compiled_grad = torch.compile(torch.func.grad_and_value(loss), fullgraph=True, dynamic=False)
+        return twin
 
     def weighted_grad(self, theta: Tensor, weights: Tensor) -> Tensor:
         """∇_θ Σ_i w_i ℓ_i(θ) over all N examples: one forward+backward of the flat-buffer

@@ -328,11 +328,10 @@ class Recorder:
         if not torch.isfinite(check):
             return False
         vectors = [theta, grad] if point.velocity is None else [theta, grad, point.velocity]
-        # every law on every vector (and member) at once, as the columns of one (P, …·V) matrix;
-        # for a single θ that matrix is stacked in place, with no transposed copy: (V, …, Q)
-        columns = torch.stack(vectors, dim=-1).movedim(-2, 0)
-        forms = self.laws.value(columns.reshape(columns.shape[0], -1))
-        forms = forms.reshape(-1, *columns.shape[1:]).movedim(0, -1).movedim(-2, 0)
+        # every law on each vector (members as the columns of a (P, K) matrix). One sparse
+        # product per vector: stacking θ, ĝ, v as the columns of one (P, 3) matrix costs more
+        # (an interleaving copy, ~0.2 ms on a 26k-parameter MLP) than the products themselves
+        forms = [self.laws.value(x.movedim(-1, 0)).movedim(0, -1) for x in vectors]
         row: dict[str, Any] = {
             "time": point.time,
             "step": point.step,

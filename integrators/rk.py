@@ -25,7 +25,6 @@ y(t0 + x h) = y0 + h Kᵀ w(x), one product per save point and nothing per step.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -158,8 +157,9 @@ class RK(Integrator):
     - `max_steps`: give up (IntegrationError) after this many steps, accepted or rejected, in
       the whole run (torchdiffeq's ``max_num_steps`` counts per save interval). None: no limit.
     - `safety`, `ifactor`, `dfactor`: the step-size controller's (torchdiffeq's defaults).
-    - `compile`: evaluate the vector field through ``torch.compile`` (falls back, with a
-      warning, to the plain evaluation when compilation fails).
+    - `compile`: evaluate the full-batch gradients through one ``torch.compile``d forward and
+      backward graph (``Problem.compiled_gradient``; falls back, with a warning, to the eager
+      evaluation when compilation fails).
 
     **Raises** ConfigError for bad arguments; while solving, IntegrationError when the state
     becomes NaN/Inf, the step size underflows or `max_steps` is reached.
@@ -215,12 +215,14 @@ class RK(Integrator):
         """No checkpoints yet (SavePoint.checkpoint is None): a resumed run starts over, and
         `start` is never given."""
         y0 = dynamics.initial_state(problem, theta0)
-        f = vector_field(dynamics, problem, compile=self.compile)
-        loop = (_AdaptiveLoop if self.tableau.adaptive else _FixedLoop)(self, f, y0, grid)
+        field, shape = vector_field(dynamics, problem, compile=self.compile), y0.shape
+        # an ensemble's (K, …) state runs flat (its error norm is over every entry, as torchdiffeq's)
+        f = field if y0.ndim == 1 else lambda t, y, out: field(t, y.view(shape), out.view(shape))
+        loop = (_AdaptiveLoop if self.tableau.adaptive else _FixedLoop)(self, f, y0.reshape(-1), grid)
         # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
         yield SavePoint(grid.times[0], 0, loop.state.nfe, *dynamics.split(problem, y0))
         for time in grid.times[1:]:
-            theta, velocity = dynamics.split(problem, loop.advance(time))
+            theta, velocity = dynamics.split(problem, loop.advance(time).view(shape))
             yield SavePoint(time, loop.state.accepted, loop.state.nfe, theta, velocity=velocity)
 
 
@@ -228,33 +230,14 @@ def vector_field(dynamics, problem, compile: bool = False) -> Callable[[float, T
     """f(t, y, out): out ← y'(t) = dynamics.derivative(problem, t, y). The time goes in as one
     0-d float64 tensor refilled at each call (no allocation on the solver's side)."""
     derivative = dynamics.derivative
-    if compile:
-        derivative = _compiled(derivative)
+    if compile:  # the dynamics' gradients through one compiled forward+backward graph
+        problem = problem.compiled_gradient()
     time = torch.zeros((), dtype=torch.float64)
 
     def f(t: float, y: Tensor, out: Tensor) -> None:
         out.copy_(derivative(problem, time.fill_(t), y))
 
     return f
-
-
-def _compiled(derivative: Callable) -> Callable:
-    """``torch.compile(derivative)``, replaced by `derivative` itself (with a warning) the
-    first time compilation or the compiled code fails."""
-    compiled = torch.compile(derivative)
-    state = {"fn": compiled}
-
-    def call(problem, t: Tensor, y: Tensor) -> Tensor:
-        if state["fn"] is compiled:
-            try:
-                return compiled(problem, t, y)
-            except Exception as exc:  # any failure of the compiler: carry on uncompiled
-                warnings.warn(f"integrator.compile: torch.compile failed ({type(exc).__name__}: {exc}); "
-                              "evaluating the vector field uncompiled", RuntimeWarning, stacklevel=2)
-                state["fn"] = derivative
-        return state["fn"](problem, t, y)
-
-    return call
 
 
 # ----------------------------------------------------------------------------------------- the loops

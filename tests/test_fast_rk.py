@@ -214,7 +214,7 @@ def test_float32_runs_and_refuses_what_it_cannot_honour(smooth):
 def test_compile_failure_falls_back_with_a_warning(smooth, monkeypatch):
     problem, theta0 = smooth
 
-    def broken(fn):
+    def broken(fn, **options):
         def call(*args):
             raise RuntimeError("no compiler here")
 
@@ -228,20 +228,38 @@ def test_compile_failure_falls_back_with_a_warning(smooth, monkeypatch):
     assert torch.equal(out, expected)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        f(0.0, theta0, out)  # warned once, then uncompiled without a word
+        f(0.0, theta0, out)  # warned once, then eager without a word
 
 
 def test_compile_switch(smooth, monkeypatch):
-    """compile=False never calls torch.compile; compile=True wraps the dynamics' derivative once
-    (here in a stand-in compiler that returns it unchanged) and gives the same solve."""
+    """compile=False never calls torch.compile; compile=True compiles the problem's full-batch
+    gradient once (here with a stand-in compiler that returns torch.func's grad_and_value
+    unchanged): the functional gradient, equal to the flat-buffer one to round-off, so the same
+    steps and states to 1e-12."""
     problem, theta0 = smooth
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
     off = list(RK("dopri5", rtol=1e-6, atol=1e-6).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
     assert compiled == []
     on = list(RK("dopri5", rtol=1e-6, atol=1e-6, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
-    assert [(fn.__func__, fn.__self__) for fn in compiled] == [(fs.GradientFlow.derivative, fs.GradientFlow())]
-    assert [(p.step, p.nfe) for p in on] == [(p.step, p.nfe) for p in off] and torch.equal(on[-1].theta, off[-1].theta)
+    assert compiled == [{"fullgraph": True, "dynamic": False}]
+    assert [(p.step, p.nfe) for p in on] == [(p.step, p.nfe) for p in off] and relative(on[-1].theta, off[-1].theta) < 1e-12
+    assert problem._compiled_grad is None  # the twin compiled, not the problem the user holds
+
+
+def test_ensemble_runs_flat_and_compile_leaves_it_eager():
+    """An ensemble's (K, P) state: RK's fused loop equals torchdiffeq's (same evaluations,
+    states to 1e-12); under compile=True the members keep their eager vmapped gradient, and it
+    says so."""
+    problem = build_problem(n=32, width=6, activation="tanh")
+    run = dict(t1=0.4, save_every=0.2, ensemble=3, observe=("params",), progress=False)
+    fused = fs.simulate(problem, fs.GradientFlow(), RK("rk4", step_size=0.05), **run)
+    reference = fs.simulate(problem, fs.GradientFlow(), ODE("rk4", step_size=0.05), **run)
+    assert fused.attrs["status"] == "completed" and (fused.nfe.values == reference.nfe.values).all()
+    assert relative(fused.params.values, reference.params.values) < 1e-12
+    with pytest.warns(RuntimeWarning, match="eagerly"):
+        compiled = fs.simulate(problem, fs.GradientFlow(), RK("rk4", step_size=0.05, compile=True), **run)
+    assert (compiled.params == fused.params).all()
 
 
 @pytest.mark.skipif(not os.environ.get("FLOWSIM_TEST_COMPILE"), reason="torch.compile takes tens of seconds on CPU: FLOWSIM_TEST_COMPILE=1")
