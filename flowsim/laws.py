@@ -176,6 +176,8 @@ class LawSet:
     of the cross products θ_i θ_j over the index pairs (I, J), i < j, each row one component.
     Evaluating every law is then three sparse matrix-vector products, on any θ-like vector (a
     gradient gives ``grad_sq``, a velocity ``velocity_sq``) or a (P, K) matrix of them.
+    ``rows`` evaluates the rows of an (R, P) matrix, by dense reductions of parameter views
+    where every term allows (what the recorder calls at every save point).
     """
 
     def __init__(self, laws: Sequence[Law], names: Sequence[str], shapes: Sequence[torch.Size]) -> None:
@@ -213,6 +215,7 @@ class LawSet:
         shape = (self.size, self.n_params)
         self._coo = {kind: _coo(parts[kind][0], parts[kind][1], parts[kind][2], shape) for kind in ("linear", "square")}
         self._coo["cross"], self._pairs = _cross(parts["cross"], self.size, self.n_params)
+        self._reductions = _reductions(self.laws, offsets, shape_of)
         self._compiled: dict[tuple[torch.dtype, torch.device, bool], tuple[Tensor, Tensor, Tensor | None, Tensor]] = {}
 
     def _matrices(self, like: Tensor, absolute: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -235,6 +238,29 @@ class LawSet:
         linear, square, cross, (i, j) = self._matrices(theta)
         out = linear @ theta + square @ (theta * theta)
         return out if cross is None else out + cross @ (theta[i] * theta[j])
+
+    def rows(self, vectors: Tensor) -> Tensor:
+        """All components at each row of an (R, P) matrix of θ-like vectors → (R, Q).
+
+        Where every term is a plain sum or sum of squares over the units of a parameter tensor
+        (no gram form, no slice: the MLP and CNN laws), each term is a reduction of a view of
+        the rows, Σ over the other axes of (X or X²)[:, start:stop] viewed as the tensor: dense
+        reductions that read nothing but the rows. Otherwise the sparse matrices."""
+        if self._reductions is None:
+            return self.value(vectors.T).T
+        squares = vectors * vectors
+        pieces = []
+        for group in self._reductions:
+            total = None
+            for term in group:
+                part = (squares if term.square else vectors)[:, term.start : term.stop].view(-1, *term.shape)
+                part = part.sum(term.dims) if term.dims else part
+                if total is None:
+                    total = part if term.sign > 0 else -part
+                else:
+                    total = total + part if term.sign > 0 else total - part
+            pieces.append(total)
+        return torch.cat(pieces, dim=1) if pieces else vectors.new_zeros(vectors.shape[0], 0)
 
     def magnitude(self, theta: Tensor) -> Tensor:
         """Σ |monomial| per component, |A| |θ| + |B| θ² + |C| |θ[I] θ[J]|: what relative drift
@@ -264,6 +290,46 @@ class LawSet:
             out["component"] += list(law.components)
             out["exact"] += [law.exact] * law.size
         return out
+
+
+@dataclass(frozen=True)
+class _Reduction:
+    """A term as sign · Σ over `dims` of (X or X²)[:, start:stop].view(R, *shape): `shape` is
+    the parameter's with its unit axis split as (blocks, units, stride) (``Term.stride``: the
+    position p along the axis is in unit (p // stride) % units), so that the result is (R, units)."""
+
+    square: bool
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    dims: tuple[int, ...]
+    sign: int
+
+
+def _reductions(
+    laws: Sequence[Law], offsets: Mapping[str, int], shape_of: Mapping[str, torch.Size]
+) -> list[list[_Reduction]] | None:
+    """Every group of every law as reductions of parameter views (``LawSet.rows``), or None if
+    a term is not a plain reduction (a gram form or a `part` slice)."""
+    plan = []
+    for law in laws:
+        for group in law.groups:
+            terms = []
+            for term in group:
+                if term.form == "gram" or term.part is not None:
+                    return None
+                shape = tuple(shape_of[term.param]) or (1,)
+                axis, n = term.axis, shape[term.axis]
+                stride = term.stride if term.stride is not None else n // term.units
+                split = (*shape[:axis], n // (term.units * stride), term.units, stride, *shape[axis + 1 :])
+                unit = axis + 1  # the units' place in `split`; axes of length 1 go (faster reductions)
+                kept = [i for i, size in enumerate(split) if size > 1 or i == unit]
+                dims = tuple(1 + kept.index(i) for i in kept if i != unit)
+                start = offsets[term.param]
+                shape_kept = tuple(split[i] for i in kept)
+                terms.append(_Reduction(term.form == "sq", start, start + math.prod(shape), shape_kept, dims, term.sign))
+            plan.append(terms)
+    return plan
 
 
 def _csr_int32(matrix: Tensor) -> Tensor:

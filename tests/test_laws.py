@@ -170,3 +170,27 @@ def test_law_values_and_magnitudes():
     # columns of a (P, K) matrix are evaluated together
     both = law_set.value(torch.stack([theta, 2 * theta], 1))
     assert torch.equal(both[:, 0], law_set.value(theta)) and torch.allclose(both[3:, 1], 2 * both[3:, 0])
+
+
+ROW_MODELS = {
+    "mlp": (lambda: models.mlp.mlp(depth=2, width=6), True),
+    "mlp_leaky_no_bias": (lambda: models.mlp.mlp(depth=3, width=5, activation="leaky_relu", bias=False), True),
+    "vgg_batch_norm": (lambda: models.cnn.vgg(depth=2, width=4, batch_norm=True), True),
+    "vgg_max_pool": (lambda: models.cnn.vgg(depth=3, width=3), True),
+    "attention": (lambda: models.attention.layer(d_model=8, heads=2, bias=True), False),
+}
+
+
+@pytest.mark.parametrize("name", ROW_MODELS)
+def test_rows_equal_the_sparse_products(name):
+    """LawSet.rows (dense reductions of parameter views where the laws allow, the sparse
+    matrices otherwise) equals LawSet.value on each row, float64, to round-off."""
+    build, dense = ROW_MODELS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    named = dict(model.named_parameters())
+    law_set = LawSet(fs.laws.detect(model), list(named), [p.shape for p in named.values()])
+    assert (law_set._reductions is not None) == dense and law_set.size > 0
+    rows = torch.randn(4, law_set.n_params, dtype=torch.float64)
+    expected = torch.stack([law_set.value(row) for row in rows])
+    assert (law_set.rows(rows) - expected).abs().max() <= 1e-14 * expected.abs().max()
