@@ -38,8 +38,9 @@ ENSEMBLE_DYNAMICS: tuple[type[Dynamics], ...] = (GradientFlow, ModifiedFlow, Dis
 
 class Ensemble:
     """`problem` seen by K members at once: θ is (K, P); the network's forward pass is vmapped
-    over the members (batched by hand for MLPs: `StackedLayers`), and one backward pass of Σ_k L(θ_k) gives every member's gradient (the
-    members share no parameter, so ∂/∂θ_k Σ_j L(θ_j) = ∇L(θ_k) exactly)."""
+    over the members (batched by hand for MLPs: `StackedLayers`), and one backward pass of
+    Σ_k L(θ_k) gives every member's gradient (the members share no parameter, so
+    ∂/∂θ_k Σ_j L(θ_j) = ∇L(θ_k) exactly)."""
 
     #: the record's leading dimension over the members
     dim = "member"
