@@ -21,6 +21,16 @@ def digits_model(kind: str, dtype: torch.dtype, seed: int = 0):
     return model.to(dtype), X.to(dtype), y
 
 
+def plain_backward(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The plain PyTorch baseline: ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward."""
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+
+    return step
+
+
 def alternate(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
     """Time each candidate `repeats` times, interleaved so that machine noise hits all alike:
     every round runs each candidate once, in a fresh (seeded) random order, so that none

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import flowsim as fs
-from common import alternate, report
+from common import alternate, plain_backward, report
 
 
 class Block(nn.Module):
@@ -89,9 +89,10 @@ def main(repeats: int, dtype: torch.dtype) -> None:
         flow, theta = fs.GradientFlow(), problem.initial_theta()
         t = torch.zeros((), dtype=torch.float64, device=device)
 
+        backward = plain_backward(model, X, y)
+
         def plain():
-            model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(X), y).backward()
+            backward()
             torch.cuda.synchronize()
 
         def flowsim_eval():

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import flowsim as fs
-from common import alternate, digits_model, machine, report
+from common import alternate, digits_model, machine, plain_backward, report
 
 
 def main(repeats: int) -> None:
@@ -32,9 +32,7 @@ def main(repeats: int) -> None:
             t = torch.zeros((), dtype=torch.float64)
             params = list(model.parameters())
 
-            def plain():
-                model.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(X), y).backward()
+            plain = plain_backward(model, X, y)
 
             def flowsim_eval():
                 flow.derivative(problem, t, theta)

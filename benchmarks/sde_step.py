@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch import nn
 
 import flowsim as fs
-from common import alternate, digits_model, machine, report
+from common import alternate, digits_model, machine, plain_backward, report
 from flowsim.integrators import SDE, FusedEulerMaruyama, SaveGrid
 
 
@@ -41,9 +40,7 @@ def main(repeats: int) -> None:
             problem = fs.Problem(model, (X, y))
             dynamics = fs.SGDNoise(lr=0.1, batch_size=32)
 
-            def plain():
-                model.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(X), y).backward()
+            plain = plain_backward(model, X, y)
 
             print(f"{kind}, {str(dtype).removeprefix('torch.')}, {problem.n_params} parameters, N={len(y)}:")
             report(

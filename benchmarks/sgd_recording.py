@@ -5,7 +5,8 @@
 The MLP and the CNN on all digits (CPU, float32), batch 64, momentum 0.9, weight decay 5e-4.
 "plain torch.optim.SGD": a loop over seeded per-epoch permutations that records nothing.
 "flowsim DiscreteSGD": simulate(..., save_every=lr, observe=()) — every law's value and
-grad_sq (and velocity_sq) at every step, in memory. Whole runs, interleaved; target ≤ 1.15×.
+grad_sq (and velocity_sq) at every step, in memory; and the same run recording no law, to
+show what the recording itself costs. Whole runs, interleaved; target ≤ 1.15×.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def main(steps: int, repeats: int) -> None:
                 nn.functional.cross_entropy(net(X[index]), y[index]).backward()
                 opt.step()
 
-        def flowsim_run():
-            ds = fs.simulate(problem, dynamics, t1=steps * LR, save_every=LR, observe=(), dtype=dtype, progress=False)
+        def flowsim_run(laws="auto"):
+            ds = fs.simulate(problem, dynamics, t1=steps * LR, save_every=LR, observe=(), laws=laws, dtype=dtype, progress=False)
             assert ds.sizes["time"] == steps + 1
 
         print(
@@ -53,7 +54,13 @@ def main(steps: int, repeats: int) -> None:
         )
         report(
             alternate(
-                {"plain torch.optim.SGD": plain, "flowsim DiscreteSGD (all laws, every step)": flowsim_run}, repeats, warmup=1
+                {
+                    "plain torch.optim.SGD": plain,
+                    "flowsim DiscreteSGD (all laws, every step)": flowsim_run,
+                    "flowsim DiscreteSGD (no laws)": lambda: flowsim_run(laws=()),
+                },
+                repeats,
+                warmup=1,
             ),
             baseline="plain torch.optim.SGD",
             unit=1.0,

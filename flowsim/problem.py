@@ -235,7 +235,7 @@ class Problem:
         of the network, whose parameters are views of one flat buffer holding θ; the gradient
         accumulates into views of one flat gradient buffer. On a ``compiled_gradient()`` twin
         the full-batch evaluation is the compiled function instead."""
-        if self._compiled_grad is not None and index is None and len(self._parts(None)) == 1:
+        if self._compiled_grad is not None and index is None:
             try:
                 grad, loss = self._compiled_grad(theta)
                 return loss, grad
@@ -246,9 +246,7 @@ class Problem:
                     stacklevel=2,
                 )
                 self._compiled_grad = None
-        with torch.no_grad():
-            self._flat.copy_(theta)
-            self._flat_grad.zero_()
+        self._load(theta)
         total = 0.0
         with torch.enable_grad():
             for chunk, weight in self._parts(index):
@@ -256,6 +254,12 @@ class Problem:
                 loss.backward()
                 total = total + loss.detach()
         return total, self._flat_grad.clone()
+
+    def _load(self, theta: Tensor) -> None:
+        """θ into the network's flat parameter buffer, its flat gradient buffer to zero."""
+        with torch.no_grad():
+            self._flat.copy_(theta)
+            self._flat_grad.zero_()
 
     def compiled_gradient(self) -> Problem:
         """A twin of this problem (the same network, data and buffers) whose full-batch
@@ -265,6 +269,8 @@ class Problem:
         problems stay eager. If compiling or running the compiled code fails, the twin warns
         once and evaluates eagerly from then on."""
         twin = copy.copy(self)
+        if len(self._parts(None)) > 1:  # chunked: eager
+            return twin
 
         def loss(theta: Tensor) -> Tensor:
             return _batch_loss(self.loss_kind, self._forward(theta, self.X), self.y)
@@ -275,9 +281,7 @@ class Problem:
     def weighted_grad(self, theta: Tensor, weights: Tensor) -> Tensor:
         """∇_θ Σ_i w_i ℓ_i(θ) over all N examples: one forward+backward of the flat-buffer
         network, as ``loss_and_grad`` (not chunked: BatchNorm couples the examples)."""
-        with torch.no_grad():
-            self._flat.copy_(theta)
-            self._flat_grad.zero_()
+        self._load(theta)
         with torch.enable_grad():
             (_per_example_loss(self.loss_kind, self._net(self.X), self.y) @ weights).backward()
         return self._flat_grad.clone()

@@ -23,8 +23,8 @@ more than its exact range. Writes into ``<out>/<dtype>/`` one record per run
 table (``table.md``, also printed) and the figure ``neural_mechanics.png``: classifier column
 sums (translation), squared channel norms before BatchNorm (scale) and differences of
 consecutive layers' squared channel norms (rescale), with the continuous prediction dashed.
-The full grid is 27 runs, 126,000 steps: about 13 minutes per dtype at the ~6 ms a step of
-a quiet core. ``--decays``/``--momenta``/``--only`` run part of it (the table and figure then
+The full grid is 27 runs, 126,000 steps: 24–28 minutes per dtype with both dtypes running side
+by side on a 2-core machine. ``--decays``/``--momenta``/``--only`` run part of it (the table and figure then
 cover what was run); since complete records are reused, parts can run in parallel and a last
 call with ``--table-only`` writes the combined table of every complete record. ``--quick``: a fifth of the steps.
 """
