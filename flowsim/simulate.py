@@ -182,6 +182,7 @@ def simulate(
     integrator.check(dynamics, dtype)
     dynamics.check(problem)
     integrator.check_problem(dynamics, problem)
+    integrator.check_device(device)
     ensemble = check_ensemble(ensemble, dynamics, problem)
     member_seeds = check_member_seeds(member_seeds, ensemble)
 

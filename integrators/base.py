@@ -84,6 +84,9 @@ class Integrator(ABC):
     def check_problem(self, dynamics, problem) -> None:
         """Raise ConfigError if this integrator cannot run `dynamics` on `problem` (its size…)."""
 
+    def check_device(self, device: torch.device) -> None:
+        """Raise ConfigError if this integrator cannot run on `device`."""
+
     @abstractmethod
     def solve(
         self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None

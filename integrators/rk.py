@@ -25,6 +25,7 @@ y(t0 + x h) = y0 + h Kᵀ w(x), one product per save point and nothing per step.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -160,6 +161,13 @@ class RK(Integrator):
     - `compile`: evaluate the full-batch gradients through one ``torch.compile``d forward and
       backward graph (``Problem.compiled_gradient``; falls back, with a warning, to the eager
       evaluation when compilation fails).
+    - `sync_every`: adaptive methods only. None: each accept/reject decision is taken on the
+      host (one synchronisation per step on a GPU). An integer n: the step-size control runs on
+      the device (``_DeviceLoop``) and the host reads the state once per chunk of at most n
+      attempts; the same steps, evaluations and states as the host loop.
+    - `cuda_graph`: with `sync_every`, on CUDA: one attempt (its stages, error estimate and
+      step-size update) is captured as a CUDA graph and replayed, one launch per attempt
+      (falls back, with a warning, to launching its kernels when capture fails).
 
     **Raises** ConfigError for bad arguments; while solving, IntegrationError when the state
     becomes NaN/Inf, the step size underflows or `max_steps` is reached.
@@ -175,6 +183,8 @@ class RK(Integrator):
     ifactor: float = 10.0
     dfactor: float = 0.2
     compile: bool = False
+    sync_every: int | None = None
+    cuda_graph: bool = False
     runs: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
@@ -197,8 +207,19 @@ class RK(Integrator):
         check_number("integrator.safety", self.safety, minimum=0.0, maximum=1.0, exclusive_minimum=True)
         check_number("integrator.ifactor", self.ifactor, minimum=1.0)
         check_number("integrator.dfactor", self.dfactor, minimum=0.0, maximum=1.0, exclusive_minimum=True)
-        if not isinstance(self.compile, bool):
-            raise bad_value("integrator.compile", self.compile, "true or false")
+        for name in ("compile", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad_value(f"integrator.{name}", getattr(self, name), "true or false")
+        if self.sync_every is not None:
+            check_number("integrator.sync_every", self.sync_every, integer=True, minimum=1)
+            if not adaptive:
+                raise ConfigError(f"integrator.sync_every: {self.method} takes fixed steps and never waits for the host; leave it None")
+        if self.cuda_graph and self.sync_every is None:
+            raise ConfigError("integrator.cuda_graph: a graph holds one attempt with its step-size control on the device; give sync_every too")
+
+    def check_device(self, device: torch.device) -> None:
+        if self.cuda_graph and device.type != "cuda":
+            raise ConfigError(f"integrator.cuda_graph: CUDA graphs run on device='cuda', not {str(device)!r}; set cuda_graph=False")
 
     @property
     def tableau(self) -> ButcherTableau:
@@ -218,7 +239,8 @@ class RK(Integrator):
         field, shape = vector_field(dynamics, problem, compile=self.compile), y0.shape
         # an ensemble's (K, …) state runs flat (its error norm is over every entry, as torchdiffeq's)
         f = field if y0.ndim == 1 else lambda t, y, out: field(t, y.view(shape), out.view(shape))
-        loop = (_AdaptiveLoop if self.tableau.adaptive else _FixedLoop)(self, f, y0.reshape(-1), grid)
+        kind = _FixedLoop if not self.tableau.adaptive else _AdaptiveLoop if self.sync_every is None else _DeviceLoop
+        loop = kind(self, f, y0.reshape(-1), grid)
         # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
         yield SavePoint(grid.times[0], 0, loop.state.nfe, *dynamics.split(problem, y0))
         for time in grid.times[1:]:
@@ -226,16 +248,17 @@ class RK(Integrator):
             yield SavePoint(time, loop.state.accepted, loop.state.nfe, theta, velocity=velocity)
 
 
-def vector_field(dynamics, problem, compile: bool = False) -> Callable[[float, Tensor, Tensor], None]:
-    """f(t, y, out): out ← y'(t) = dynamics.derivative(problem, t, y). The time goes in as one
-    0-d float64 tensor refilled at each call (no allocation on the solver's side)."""
+def vector_field(dynamics, problem, compile: bool = False) -> Callable[[float | Tensor, Tensor, Tensor], None]:
+    """f(t, y, out): out ← y'(t) = dynamics.derivative(problem, t, y). A float time goes in as
+    one 0-d float64 tensor refilled at each call (no allocation on the solver's side); a 0-d
+    tensor (the device loop's time, on the device) goes in as it is."""
     derivative = dynamics.derivative
     if compile:  # the dynamics' gradients through one compiled forward+backward graph
         problem = problem.compiled_gradient()
     time = torch.zeros((), dtype=torch.float64)
 
-    def f(t: float, y: Tensor, out: Tensor) -> None:
-        out.copy_(derivative(problem, time.fill_(t), y))
+    def f(t: float | Tensor, y: Tensor, out: Tensor) -> None:
+        out.copy_(derivative(problem, t if isinstance(t, Tensor) else time.fill_(t), y))
 
     return f
 
@@ -378,8 +401,13 @@ class _AdaptiveLoop(_Loop):
             self._step()
         if time == s.t1:
             return s.y1.clone()
-        weights = (self.dense.T @ torch.tensor([(time - s.t0) / (s.t1 - s.t0)], dtype=torch.float64).pow(torch.arange(1, 5)))
-        return torch.addmv(s.y0, s.stages.T, weights.to(s.y0.dtype), alpha=s.h)
+        return self._interpolate(time)
+
+    def _interpolate(self, time: float) -> Tensor:
+        """y(time) = y0 + h Kᵀ w(x), x = (time − t0)/(t1 − t0), inside the last accepted step."""
+        s = self.state
+        weights = self.dense.T @ torch.tensor([(time - s.t0) / (s.t1 - s.t0)], dtype=torch.float64).pow(torch.arange(1, 5))
+        return torch.addmv(s.y0, s.stages.T, weights.to(s.y0), alpha=s.h)
 
     def _step(self) -> None:
         """One attempt: accept it (the state then ends at t0 + dt) or shrink dt."""
@@ -425,6 +453,137 @@ class _AdaptiveLoop(_Loop):
             return h * integrator.ifactor
         dfactor = 1.0 if ratio < 1 else integrator.dfactor
         return h * min(integrator.ifactor, max(integrator.safety / ratio ** (1.0 / self.tableau.order), dfactor))
+
+
+class _DeviceLoop(_AdaptiveLoop):
+    """The adaptive loop with every decision on the device, for GPUs: the host reads the state
+    once per chunk of attempts, not once per step (``RK(sync_every=n)``).
+
+    An attempt is tensor operations alone: from the accepted (t, y1) with stages[0] = f(t, y1)
+    in a work buffer, the stages and y_new of a step of size dt, the error ratio r, then::
+
+        active = t < target, no failure so far, max_steps not reached
+        accept = active and r ≤ 1
+        on accept: (t0, y0, h, stages) ← (t, y1, dt, work); y1 ← y_new; work[0] ← f(t + dt, y_new); t ← t + dt
+        when active: dt ← dt · factor(r)           (the same controller as the host loop's)
+
+    Outside `active` an attempt changes nothing (every update is a ``torch.where``), so the
+    host may launch more attempts than needed. To reach a save time it launches half the steps
+    that the current dt would need (at least one, at most `sync_every`) and then reads t, dt
+    and the counters in one transfer; since an accepted step never shrinks dt, few attempts are
+    wasted. A non-FSAL method evaluates f(t + dt, y_new) in every attempt, accepted or not.
+    With ``cuda_graph=True`` one attempt is captured as a CUDA graph (after masked warm-up
+    attempts on a side stream) and each launch is one replay."""
+
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
+        super().__init__(integrator, f, y0, grid)
+        s = self.state
+        like64 = dict(dtype=torch.float64, device=y0.device)
+        self.work = s.stages.clone()  # work[0] = f(t0, y0)
+        self.y_new, self.combo = torch.empty_like(y0), torch.empty_like(y0)
+        # t: the accepted time; t0, h: the last accepted step; target: the save time to reach (−∞ masks every attempt)
+        self.t, self.t0, self.h = (torch.tensor(s.t0, **like64) for _ in range(3))
+        self.dt = torch.tensor(s.dt, **like64)
+        self.target = torch.tensor(-math.inf, **like64)
+        self.one, self.dfactor = torch.tensor(1.0, **like64), torch.tensor(integrator.dfactor, **like64)
+        self.counts = torch.zeros(5, **like64)  # accepted, rejected, evaluations, NaN failures, step-size underflows
+        self.base_nfe = s.nfe  # f(t0, y0) and the initial step's, made on the host
+        self.launched = 0  # attempts launched, masked ones included
+        self.failures = [0.0, 0.0]  # NaN failures, step-size underflows, at the last synchronisation
+        self.graph = self._capture() if integrator.cuda_graph else None
+
+    def _attempt(self) -> None:
+        tab, s, w, t, h, counts = self.tableau, self.state, self.work, self.t, self.dt, self.counts
+        active = (t < self.target) & (counts[3] + counts[4] == 0)
+        if self.integrator.max_steps is not None:
+            active = active & (counts[0] + counts[1] < self.integrator.max_steps)
+        h_y = h.to(s.y1.dtype)
+        for i in range(1, tab.stages):
+            stage = self.y_new if tab.fsal and i == tab.stages - 1 else self.y_stage
+            torch.mv(w[:i].T, self.a[i], out=self.combo)
+            torch.addcmul(s.y1, self.combo, h_y, out=stage)
+            self.f(t + tab.c[i] * h if tab.c[i] != 1 else t + h, stage, w[i])
+        if not tab.fsal:
+            torch.mv(w[: tab.stages].T, self.b, out=self.combo)
+            torch.addcmul(s.y1, self.combo, h_y, out=self.y_new)
+        # the error ratio, as _error_ratio with y0 → y1 and y1 → y_new
+        torch.abs(s.y1, out=self.scale)
+        torch.abs(self.y_new, out=self.error)
+        torch.maximum(self.scale, self.error, out=self.scale)
+        torch.addcmul(self.atol, self.scale, self.rtol, out=self.scale)
+        torch.mv(w[: tab.stages].T, self.b_error, out=self.error)
+        self.error.div_(self.scale)
+        torch.linalg.vector_norm(self.error, out=self.norm)
+        ratio = h.abs() * self.norm.to(torch.float64) / math.sqrt(self.error.numel())
+        t1 = t + h
+        nan, underflow = active & torch.isnan(ratio), active & ~(t1 > t)
+        accept = active & (ratio <= 1) & ~underflow
+        if not tab.fsal:
+            self.f(t1, self.y_new, w[self.f1_row])
+        torch.where(accept, s.y1, s.y0, out=s.y0)
+        torch.where(accept, w, s.stages, out=s.stages)
+        torch.where(accept, self.y_new, s.y1, out=s.y1)
+        torch.where(accept, w[self.f1_row], w[0], out=w[0])
+        torch.where(accept, t, self.t0, out=self.t0)
+        torch.where(accept, h, self.h, out=self.h)
+        torch.where(accept, t1, t, out=self.t)
+        # _next_step_size
+        integrator = self.integrator
+        factor = (integrator.safety / ratio.pow(1.0 / tab.order)).maximum(torch.where(ratio < 1, self.one, self.dfactor))
+        factor = torch.where(ratio == 0, integrator.ifactor, factor.clamp(max=integrator.ifactor))
+        torch.where(active & ~nan & ~underflow, h * factor, h, out=self.dt)
+        evaluations = active.double() * (tab.stages - 1) + (0 if tab.fsal else accept.double())
+        counts.add_(torch.stack([accept.double(), (active & ~accept & ~nan & ~underflow).double(), evaluations, nan.double(), underflow.double()]))
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        """One attempt as a CUDA graph; None (with a warning) when capture fails."""
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # target = −∞: masked, they change nothing
+                    self._attempt()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._attempt()
+            return graph
+        except Exception as exc:  # noqa: BLE001 — any failure of capture: launch the kernels instead
+            warnings.warn(f"cuda_graph: capture failed ({type(exc).__name__}: {exc}); launching each attempt's kernels", RuntimeWarning, stacklevel=2)
+            return None
+
+    def advance(self, time: float) -> Tensor:
+        s = self.state
+        while time > s.t1:
+            self._check()
+            chunk = max(1, min(self.integrator.sync_every, math.ceil((time - s.t1) / s.dt / 2)))
+            self.target.fill_(time)
+            for _ in range(chunk):
+                self.graph.replay() if self.graph is not None else self._attempt()
+            self.launched += chunk
+            self._sync()
+        if time == s.t1:
+            return s.y1.clone()
+        return self._interpolate(time)
+
+    def _sync(self) -> None:
+        """The host's copy of the device's decisions: one transfer."""
+        s = self.state
+        s.t0, s.t1, s.h, s.dt, accepted, rejected, nfe, *self.failures = torch.cat(
+            [torch.stack([self.t0, self.t, self.h, self.dt]), self.counts]
+        ).tolist()
+        s.accepted, s.rejected, s.nfe = int(accepted), int(rejected), self.base_nfe + int(nfe)
+
+    def _check(self) -> None:
+        """The host loop's IntegrationErrors, from the last synchronised state."""
+        s, max_steps = self.state, self.integrator.max_steps
+        nan, underflow = self.failures
+        if nan:
+            raise IntegrationError(f"the state or its derivative became NaN/Inf in the step from t={s.t1:g} (dt={s.dt:g})")
+        if underflow:
+            raise IntegrationError(f"step size underflow (dt={s.dt:g}) at t={s.t1:g}: the flow is stiff or non-smooth there")
+        if max_steps is not None and s.accepted + s.rejected >= max_steps:
+            raise IntegrationError(f"max_steps = {max_steps} reached at t={s.t1:g}; raise integrator.max_steps or loosen rtol/atol")
 
 
 __all__ = ["RK", "ButcherTableau", "TABLEAUS", "RKState", "vector_field"]
