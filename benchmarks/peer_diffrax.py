@@ -1,6 +1,6 @@
 """flowsim against diffrax (JAX) and plain torchdiffeq: one gradient flow, solved by dopri5.
 
-    python benchmarks/peer_diffrax.py [--repeats 5] [--models mlp cnn] [--t1 10] [--tol 1e-7] [--threads 1] [--compile]
+    python benchmarks/peer_diffrax.py [--repeats 5] [--models mlp cnn] [--t1 10] [--tol 1e-7] [--threads 1] [--compile] [--device cuda]
 
 The problems (float64, cross-entropy, N=512 random N(0, 1) inputs with random labels, seed 0):
 - mlp: 64-128-128-10 with ReLU (26,122 parameters);
@@ -21,6 +21,12 @@ so bookkeeping = whole solve − time inside the vector field, per run (robust t
 between runs). diffrax's evaluations: 6 per step + 2 (FSAL dopri5 with its initial step
 selection). diffrax is optional (``pip install -e ".[bench]"``): without jax and diffrax its
 rows are skipped with a message.
+
+With ``--device cuda`` every candidate runs on the GPU (diffrax on JAX's GPU backend; set
+XLA_PYTHON_CLIENT_PREALLOCATE=false), each solve ends with torch.cuda.synchronize(), the
+candidates ``RK(sync_every=16)`` and ``RK(sync_every=16, cuda_graph=True)`` join, and the
+bookkeeping split is not printed (kernels run asynchronously: time inside the vector field is
+launch time, not work).
 """
 
 from __future__ import annotations
@@ -43,14 +49,14 @@ from flowsim.integrators.rk import _AdaptiveLoop, vector_field
 N = 512
 
 
-def torch_problem(kind: str) -> fs.Problem:
+def torch_problem(kind: str, device: str = "cpu") -> fs.Problem:
     rng = np.random.default_rng(0)
     shape = (N, 64) if kind == "mlp" else (N, 1, 8, 8)
     X = torch.tensor(rng.standard_normal(shape))
     y = torch.tensor(rng.integers(0, 10, N))
     torch.manual_seed(0)
     model = models.mlp.mlp(depth=2, width=128) if kind == "mlp" else models.cnn.vgg(depth=2, width=8)
-    return fs.Problem(model.double(), (X, y))
+    return fs.Problem(model.double().to(device), (X.to(device), y.to(device)))
 
 
 def diffrax_solver(kind: str, problem: fs.Problem, t1: float, tol: float) -> tuple[Callable[[], tuple[np.ndarray, int]], float]:
@@ -60,8 +66,8 @@ def diffrax_solver(kind: str, problem: fs.Problem, t1: float, tol: float) -> tup
     import jax.numpy as jnp
 
     jax.config.update("jax_enable_x64", True)
-    params = {n: jnp.asarray(p.detach().numpy()) for n, p in problem.unflatten(problem.initial_theta()).items()}
-    X, y = jnp.asarray(problem.X.numpy()), jnp.asarray(problem.y.numpy())
+    params = {n: jnp.asarray(p.detach().cpu().numpy()) for n, p in problem.unflatten(problem.initial_theta()).items()}
+    X, y = jnp.asarray(problem.X.cpu().numpy()), jnp.asarray(problem.y.cpu().numpy())
 
     def logits(p):
         if kind == "mlp":
@@ -83,7 +89,7 @@ def diffrax_solver(kind: str, problem: fs.Problem, t1: float, tol: float) -> tup
     check = float(loss(params)), float(problem.loss(problem.initial_theta()))
     assert abs(check[0] - check[1]) < 1e-12 * abs(check[1]), f"the JAX network differs from the torch one: {check}"
     g_jax = np.concatenate([np.asarray(g).reshape(-1) for g in (grad(params)[n] for n in problem.names)])
-    g_torch = problem.loss_and_grad(problem.initial_theta())[1].numpy()
+    g_torch = problem.loss_and_grad(problem.initial_theta())[1].cpu().numpy()
     assert np.abs(g_jax - g_torch).max() < 1e-10 * np.abs(g_torch).max(), "the JAX gradient differs from the torch one"
 
     @jax.jit
@@ -118,11 +124,14 @@ class Timed:
         return result
 
 
-def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool) -> None:
-    print(f"machine: {machine()}; dopri5 to t={t1:g} at rtol=atol={tol:g}, float64, N={N}")
+def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool, device: str) -> None:
+    on_gpu = device != "cpu"
+    sync = torch.cuda.synchronize if on_gpu else lambda: None
+    where = f", {torch.cuda.get_device_name()}" if on_gpu else ""
+    print(f"machine: {machine()}{where}; dopri5 to t={t1:g} at rtol=atol={tol:g}, float64, N={N}")
     flow = fs.GradientFlow()
     for kind in kinds:
-        problem = torch_problem(kind)
+        problem = torch_problem(kind, device)
         theta0 = problem.initial_theta()
         grid = SaveGrid((0.0, t1))
         finals: dict[str, torch.Tensor] = {}
@@ -136,17 +145,32 @@ def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool) -
                 timed = Timed(f)
                 loop = _AdaptiveLoop(RK("dopri5", rtol=tol, atol=tol), timed, theta0, grid)
                 finals[name], evaluations[name] = loop.advance(t1), loop.state.nfe
+                sync()
                 inside.setdefault(name, []).append(timed.inside)
+
+            return run
+
+        def device_run(name: str, cuda_graph: bool) -> Callable[[], None]:
+            integrator = RK("dopri5", rtol=tol, atol=tol, sync_every=16, cuda_graph=cuda_graph)
+
+            def run() -> None:  # the whole RK.solve, its decisions on the GPU
+                *_, last = integrator.solve(flow, problem, theta0, grid, 0)
+                sync()
+                finals[name], evaluations[name] = last.theta, last.nfe
 
             return run
 
         def torchdiffeq_run() -> None:
             timed = Timed(lambda t, y: flow.derivative(problem, t, y))
-            finals["torchdiffeq"] = torchdiffeq.odeint(timed, theta0, torch.tensor([0.0, t1], dtype=torch.float64), rtol=tol, atol=tol)[-1]
+            finals["torchdiffeq"] = torchdiffeq.odeint(timed, theta0, torch.tensor([0.0, t1], dtype=torch.float64, device=device), rtol=tol, atol=tol)[-1]
+            sync()
             evaluations["torchdiffeq"] = timed.calls
             inside.setdefault("torchdiffeq", []).append(timed.inside)
 
         candidates = {"flowsim RK": flowsim_run("flowsim RK", False), "torchdiffeq": torchdiffeq_run}
+        if on_gpu:
+            candidates["flowsim RK, sync_every=16"] = device_run("flowsim RK, sync_every=16", False)
+            candidates["flowsim RK, sync_every=16, cuda_graph"] = device_run("flowsim RK, sync_every=16, cuda_graph", True)
         compile_time = None
         if compile:
             candidates["flowsim RK, compile=True"] = flowsim_run("flowsim RK, compile=True", True)
@@ -161,7 +185,7 @@ def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool) -
 
             def diffrax_candidate() -> None:
                 final, evaluations["diffrax"] = diffrax_run()
-                finals["diffrax"] = torch.from_numpy(final)
+                finals["diffrax"] = torch.from_numpy(final).to(device)
 
             candidates["diffrax"] = diffrax_candidate
         times = alternate(candidates, repeats, warmup=1)
@@ -179,7 +203,7 @@ def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool) -
                 f"  {name:<26} median {med:8.3f} s (min {min(ts):.3f}, max {max(ts):.3f}), {evaluations[name]:5d} evaluations, "
                 f"{med / evaluations[name] * 1e3:7.3f} ms each{ratio}"
             )
-        for name, spent in inside.items():
+        for name, spent in inside.items() if not on_gpu else ():
             # per run: bookkeeping share = 1 − (time inside the vector field) / (whole solve); warm-up runs are dropped
             shares = [1 - f / t for f, t in zip(spent[-repeats:], times[name])]
             per_eval = [(t - f) / evaluations[name] * 1e3 for f, t in zip(spent[-repeats:], times[name])]
@@ -201,7 +225,8 @@ if __name__ == "__main__":
     parser.add_argument("--tol", type=float, default=1e-7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="also time RK(compile=True) (tens of seconds of torch.compile on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    main(args.models, args.repeats, args.t1, args.tol, args.compile)
+    main(args.models, args.repeats, args.t1, args.tol, args.compile, args.device)

@@ -472,8 +472,8 @@ class _DeviceLoop(_AdaptiveLoop):
     that the current dt would need (at least one, at most `sync_every`) and then reads t, dt
     and the counters in one transfer; since an accepted step never shrinks dt, few attempts are
     wasted. A non-FSAL method evaluates f(t + dt, y_new) in every attempt, accepted or not.
-    With ``cuda_graph=True`` one attempt is captured as a CUDA graph (after masked warm-up
-    attempts on a side stream) and each launch is one replay."""
+    With ``cuda_graph=True`` one attempt is captured as a CUDA graph after two live warm-up
+    attempts on a side stream, and each later launch is one replay."""
 
     def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
         super().__init__(integrator, f, y0, grid)
@@ -490,7 +490,8 @@ class _DeviceLoop(_AdaptiveLoop):
         self.base_nfe = s.nfe  # f(t0, y0) and the initial step's, made on the host
         self.launched = 0  # attempts launched, masked ones included
         self.failures = [0.0, 0.0]  # NaN failures, step-size underflows, at the last synchronisation
-        self.graph = self._capture() if integrator.cuda_graph else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.to_capture = integrator.cuda_graph  # after WARM_UP live attempts on a side stream
 
     def _attempt(self) -> None:
         tab, s, w, t, h, counts = self.tableau, self.state, self.work, self.t, self.dt, self.counts
@@ -535,15 +536,28 @@ class _DeviceLoop(_AdaptiveLoop):
         evaluations = active.double() * (tab.stages - 1) + (0 if tab.fsal else accept.double())
         counts.add_(torch.stack([accept.double(), (active & ~accept & ~nan & ~underflow).double(), evaluations, nan.double(), underflow.double()]))
 
-    def _capture(self) -> torch.cuda.CUDAGraph | None:
-        """One attempt as a CUDA graph; None (with a warning) when capture fails."""
-        try:
+    WARM_UP: ClassVar[int] = 2
+
+    def _launch(self) -> None:
+        """One attempt: a replay of its graph; before capture, a live warm-up attempt on a side
+        stream (what capture needs first); then the capture, after which the graph replays."""
+        if self.to_capture and self.launched >= self.WARM_UP:
+            self.to_capture, self.graph = False, self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.to_capture:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(3):  # target = −∞: masked, they change nothing
-                    self._attempt()
+                self._attempt()
             torch.cuda.current_stream().wait_stream(side)
+        else:
+            self._attempt()
+        self.launched += 1
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        """One attempt as a CUDA graph (capturing runs nothing); None, with a warning, when capture fails."""
+        try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._attempt()
@@ -559,8 +573,7 @@ class _DeviceLoop(_AdaptiveLoop):
             chunk = max(1, min(self.integrator.sync_every, math.ceil((time - s.t1) / s.dt / 2)))
             self.target.fill_(time)
             for _ in range(chunk):
-                self.graph.replay() if self.graph is not None else self._attempt()
-            self.launched += chunk
+                self._launch()
             self._sync()
         if time == s.t1:
             return s.y1.clone()

@@ -326,6 +326,44 @@ def test_on_cuda_equals_cpu(gpu, smooth):
     assert relative(on_gpu[-1].theta.cpu(), cpu[-1].theta) < 1e-10
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["launches", "cuda_graph"])
+def test_device_control_on_cuda_equals_the_host_loop_on_cpu(gpu, smooth, cuda_graph):
+    """On the GPU, the device loop (and its CUDA-graph replay) takes the host loop's steps."""
+    problem, theta0 = smooth
+    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: the graph was captured
+        integrator = RK("dopri5", rtol=1e-8, atol=1e-8, sync_every=16, cuda_graph=cuda_graph)
+        on_gpu = list(integrator.solve(fs.GradientFlow(), problem.to(gpu), theta0.to(gpu), GRID, 0))
+    assert [(p.step, p.nfe) for p in on_gpu] == [(p.step, p.nfe) for p in cpu]
+    for p, q in zip(cpu, on_gpu):
+        assert relative(q.theta.cpu(), p.theta) < 1e-10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["launches", "cuda_graph"])
+def test_device_loop_never_waits_for_the_host_inside_a_chunk(gpu, cuda_graph):
+    """Launching a chunk of attempts synchronises nothing (torch.cuda's sync debug mode raises
+    on any synchronising call); only the read-back after the chunk does."""
+    problem = build_problem("mlp", n=64).to(device=gpu, dtype=torch.float32)
+    integrator = RK("dopri5", rtol=1e-4, atol=1e-4, sync_every=8, cuda_graph=cuda_graph)
+    loop = _DeviceLoop(integrator, vector_field(fs.GradientFlow(), problem), problem.initial_theta(), SaveGrid((0.0, 1.0)))
+    loop.target.fill_(100.0)  # far: every attempt is live
+    for _ in range(loop.WARM_UP + 1):  # the warm-up attempts and the capture (which synchronises)
+        loop._launch()
+    assert (loop.graph is not None) == cuda_graph
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            loop._launch()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loop._sync()
+    assert loop.state.accepted + loop.state.rejected == loop.launched == loop.WARM_UP + 9 and loop.state.t1 > 0
+
+
 # ----------------------------------------------------------------------------------------- no allocation per step
 
 
