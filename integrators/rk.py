@@ -468,10 +468,10 @@ class _DeviceLoop(_AdaptiveLoop):
         when active: dt ← dt · factor(r)           (the same controller as the host loop's)
 
     Outside `active` an attempt changes nothing (every update is a ``torch.where``), so the
-    host may launch more attempts than needed. To reach a save time it launches half the steps
-    that the current dt would need (at least one, at most `sync_every`) and then reads t, dt
-    and the counters in one transfer; since an accepted step never shrinks dt, few attempts are
-    wasted. A non-FSAL method evaluates f(t + dt, y_new) in every attempt, accepted or not.
+    host may launch more attempts than needed, at the cost of their evaluations. To reach a save
+    time it launches half the steps it expects to need (at least one, at most `sync_every`;
+    ``_steps_needed``) and then reads t, dt and the counters in one transfer. A non-FSAL method
+    evaluates f(t + dt, y_new) in every attempt, accepted or not.
     With ``cuda_graph=True`` one attempt is captured as a CUDA graph after two live warm-up
     attempts on a side stream, and each later launch is one replay."""
 
@@ -488,8 +488,9 @@ class _DeviceLoop(_AdaptiveLoop):
         self.one, self.dfactor = torch.tensor(1.0, **like64), torch.tensor(integrator.dfactor, **like64)
         self.counts = torch.zeros(5, **like64)  # accepted, rejected, evaluations, NaN failures, step-size underflows
         self.base_nfe = s.nfe  # f(t0, y0) and the initial step's, made on the host
-        self.launched = 0  # attempts launched, masked ones included
+        self.launched, self.reads = 0, 0  # attempts launched (masked ones included), read-backs of the state
         self.failures = [0.0, 0.0]  # NaN failures, step-size underflows, at the last synchronisation
+        self.growth = integrator.ifactor  # dt's factor per accepted step over the last chunk (at first the most it can be)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.to_capture = integrator.cuda_graph  # after WARM_UP live attempts on a side stream
 
@@ -570,18 +571,29 @@ class _DeviceLoop(_AdaptiveLoop):
         s = self.state
         while time > s.t1:
             self._check()
-            chunk = max(1, min(self.integrator.sync_every, math.ceil((time - s.t1) / s.dt / 2)))
+            chunk = max(1, min(self.integrator.sync_every, math.ceil(self._steps_needed(time - s.t1) / 2)))
             self.target.fill_(time)
+            accepted, dt = s.accepted, s.dt
             for _ in range(chunk):
                 self._launch()
             self._sync()
+            if s.accepted > accepted:  # dt grew by this factor a step over the chunk
+                self.growth = max(1.0, (s.dt / dt) ** (1 / (s.accepted - accepted)))
         if time == s.t1:
             return s.y1.clone()
         return self._interpolate(time)
 
+    def _steps_needed(self, distance: float) -> float:
+        """Steps to cover `distance` if each multiplies dt by the growth g seen in the last
+        chunk (before any: ifactor, the most): dt (gⁿ − 1)/(g − 1) = distance, so
+        n = log(1 + distance (g − 1)/dt) / log g."""
+        g, dt = self.growth, self.state.dt
+        return distance / dt if g < 1 + 1e-9 else math.log1p(distance * (g - 1) / dt) / math.log(g)
+
     def _sync(self) -> None:
         """The host's copy of the device's decisions: one transfer."""
         s = self.state
+        self.reads += 1
         s.t0, s.t1, s.h, s.dt, accepted, rejected, nfe, *self.failures = torch.cat(
             [torch.stack([self.t0, self.t, self.h, self.dt]), self.counts]
         ).tolist()
