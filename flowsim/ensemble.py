@@ -199,21 +199,23 @@ def member_seed(seed: int, member: int) -> int:
 def initial_members(problem: Problem, size: int, seed: int = 0) -> Tensor:
     """θ0 of `size` members, (K, P): member 0 holds the model's current parameters; member k ≥ 1
     a fresh draw of the model's own initialisation (every module's ``reset_parameters()``, in
-    ``modules()`` order) under ``torch.manual_seed(member_seed(seed, k))``."""
+    ``modules()`` order) under ``torch.manual_seed(member_seed(seed, k))``. The draws are made on
+    the CPU, so that the members are the same on every device (a CUDA generator draws other
+    numbers), and every generator's state is restored afterwards."""
     size = check_number("run.ensemble", size, integer=True, minimum=1)
     rows = [problem.initial_theta()]
-    model = copy.deepcopy(problem.model)
+    model = copy.deepcopy(problem.model).cpu()
     resettable = [m for m in model.modules() if callable(getattr(m, "reset_parameters", None))]
     if size > 1 and not resettable:
         raise ConfigError("run.ensemble: the model has no module with reset_parameters(); pass the initial parameters (K, P)")
     params = dict(model.named_parameters())
     for k in range(1, size):
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(member_seed(seed, k))
             for module in resettable:
                 module.reset_parameters()
-        rows.append(torch.cat([params[n].detach().reshape(-1) for n in problem.names]))
-    return torch.stack(rows).to(device=problem.device, dtype=problem.dtype)
+        rows.append(torch.cat([params[n].detach().reshape(-1) for n in problem.names]).to(problem.device))
+    return torch.stack(rows).to(dtype=problem.dtype)
 
 
 def check_ensemble(ensemble: int | Tensor | None, dynamics: Dynamics, problem: Problem) -> int | Tensor | None:
