@@ -414,17 +414,15 @@ class _AdaptiveLoop(_Loop):
         integrator, s = self.integrator, self.state
         self._roll()
         if integrator.max_steps is not None and s.accepted + s.rejected >= integrator.max_steps:
-            raise IntegrationError(
-                f"max_steps = {integrator.max_steps} reached at t={s.t0:g}; raise integrator.max_steps or loosen rtol/atol"
-            )
+            raise _max_steps_reached(integrator.max_steps, s.t0)
         h = s.dt
         t1 = s.t0 + h
         if not t1 > s.t0:
-            raise IntegrationError(f"step size underflow (dt={h:g}) at t={s.t0:g}: the flow is stiff or non-smooth there")
+            raise _underflow(h, s.t0)
         self._stages(s.t0, h)
         ratio = self._error_ratio(h)
         if math.isnan(ratio):
-            raise IntegrationError(f"the state or its derivative became NaN/Inf in the step from t={s.t0:g} (dt={h:g})")
+            raise _not_finite(h, s.t0)
         if ratio <= 1:
             if not self.tableau.fsal:
                 self._evaluate(t1, s.y1, s.stages[self.f1_row])
@@ -436,15 +434,18 @@ class _AdaptiveLoop(_Loop):
 
     def _error_ratio(self, h: float) -> float:
         """rms(e / (atol + rtol·max(|y0|, |y1|))) with e = h Σ_j (b_j − b̂_j) k_j."""
-        s, tab = self.state, self.tableau
-        torch.abs(s.y0, out=self.scale)
-        torch.abs(s.y1, out=self.error)
+        self._error_norm(self.state.y0, self.state.y1, self.state.stages)
+        return abs(h) * self.norm.item() / math.sqrt(self.error.numel())
+
+    def _error_norm(self, y_start: Tensor, y_end: Tensor, stages: Tensor) -> None:
+        """norm ← |Σ_j (b_j − b̂_j) k_j / (atol + rtol·max(|y_start|, |y_end|))|₂ (the ratio without h/√n)."""
+        torch.abs(y_start, out=self.scale)
+        torch.abs(y_end, out=self.error)
         torch.maximum(self.scale, self.error, out=self.scale)
         torch.addcmul(self.atol, self.scale, self.rtol, out=self.scale)
-        torch.mv(s.stages[: tab.stages].T, self.b_error, out=self.error)
+        torch.mv(stages[: self.tableau.stages].T, self.b_error, out=self.error)
         self.error.div_(self.scale)
         torch.linalg.vector_norm(self.error, out=self.norm)
-        return abs(h) * self.norm.item() / math.sqrt(self.error.numel())
 
     def _next_step_size(self, h: float, ratio: float) -> float:
         """torchdiffeq's ``_optimal_step_size`` in floats."""
@@ -471,9 +472,12 @@ class _DeviceLoop(_AdaptiveLoop):
     host may launch more attempts than needed, at the cost of their evaluations. To reach a save
     time it launches half the steps it expects to need (at least one, at most `sync_every`;
     ``_steps_needed``) and then reads t, dt and the counters in one transfer. A non-FSAL method
-    evaluates f(t + dt, y_new) in every attempt, accepted or not.
+    evaluates f(t + dt, y_new) in every attempt, accepted or not (counted, as the host loop
+    counts it, only when accepted).
     With ``cuda_graph=True`` one attempt is captured as a CUDA graph after two live warm-up
     attempts on a side stream, and each later launch is one replay."""
+
+    WARM_UP: ClassVar[int] = 2
 
     def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
         super().__init__(integrator, f, y0, grid)
@@ -508,14 +512,7 @@ class _DeviceLoop(_AdaptiveLoop):
         if not tab.fsal:
             torch.mv(w[: tab.stages].T, self.b, out=self.combo)
             torch.addcmul(s.y1, self.combo, h_y, out=self.y_new)
-        # the error ratio, as _error_ratio with y0 → y1 and y1 → y_new
-        torch.abs(s.y1, out=self.scale)
-        torch.abs(self.y_new, out=self.error)
-        torch.maximum(self.scale, self.error, out=self.scale)
-        torch.addcmul(self.atol, self.scale, self.rtol, out=self.scale)
-        torch.mv(w[: tab.stages].T, self.b_error, out=self.error)
-        self.error.div_(self.scale)
-        torch.linalg.vector_norm(self.error, out=self.norm)
+        self._error_norm(s.y1, self.y_new, w)  # _error_ratio, on the device
         ratio = h.abs() * self.norm.to(torch.float64) / math.sqrt(self.error.numel())
         t1 = t + h
         nan, underflow = active & torch.isnan(ratio), active & ~(t1 > t)
@@ -536,8 +533,6 @@ class _DeviceLoop(_AdaptiveLoop):
         torch.where(active & ~nan & ~underflow, h * factor, h, out=self.dt)
         evaluations = active.double() * (tab.stages - 1) + (0 if tab.fsal else accept.double())
         counts.add_(torch.stack([accept.double(), (active & ~accept & ~nan & ~underflow).double(), evaluations, nan.double(), underflow.double()]))
-
-    WARM_UP: ClassVar[int] = 2
 
     def _launch(self) -> None:
         """One attempt: a replay of its graph; before capture, a live warm-up attempt on a side
@@ -604,11 +599,23 @@ class _DeviceLoop(_AdaptiveLoop):
         s, max_steps = self.state, self.integrator.max_steps
         nan, underflow = self.failures
         if nan:
-            raise IntegrationError(f"the state or its derivative became NaN/Inf in the step from t={s.t1:g} (dt={s.dt:g})")
+            raise _not_finite(s.dt, s.t1)
         if underflow:
-            raise IntegrationError(f"step size underflow (dt={s.dt:g}) at t={s.t1:g}: the flow is stiff or non-smooth there")
+            raise _underflow(s.dt, s.t1)
         if max_steps is not None and s.accepted + s.rejected >= max_steps:
-            raise IntegrationError(f"max_steps = {max_steps} reached at t={s.t1:g}; raise integrator.max_steps or loosen rtol/atol")
+            raise _max_steps_reached(max_steps, s.t1)
+
+
+def _not_finite(dt: float, t: float) -> IntegrationError:
+    return IntegrationError(f"the state or its derivative became NaN/Inf in the step from t={t:g} (dt={dt:g})")
+
+
+def _underflow(dt: float, t: float) -> IntegrationError:
+    return IntegrationError(f"step size underflow (dt={dt:g}) at t={t:g}: the flow is stiff or non-smooth there")
+
+
+def _max_steps_reached(max_steps: int, t: float) -> IntegrationError:
+    return IntegrationError(f"max_steps = {max_steps} reached at t={t:g}; raise integrator.max_steps or loosen rtol/atol")
 
 
 __all__ = ["RK", "ButcherTableau", "TABLEAUS", "RKState", "vector_field"]
