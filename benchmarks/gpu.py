@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -132,7 +133,7 @@ def solves(problem: fs.Problem, tol: float, evaluations: int, repeats: int) -> N
         torch.cuda.synchronize()
         counted["torchdiffeq.odeint"] = calls[0]
 
-    def flowsim(name: str, **options) -> None:
+    def rk_run(name: str, **options) -> Callable[[], None]:
         integrator = RK("dopri5", rtol=tol, atol=tol, **options)
 
         def run() -> None:
@@ -144,9 +145,9 @@ def solves(problem: fs.Problem, tol: float, evaluations: int, repeats: int) -> N
 
     candidates = {
         "torchdiffeq.odeint": plain,
-        "RK (host decides)": flowsim("RK (host decides)"),
-        "RK sync_every=16": flowsim("RK sync_every=16", sync_every=16),
-        "RK sync_every=16, cuda_graph": flowsim("RK sync_every=16, cuda_graph", sync_every=16, cuda_graph=True),
+        "RK (host decides)": rk_run("RK (host decides)"),
+        "RK sync_every=16": rk_run("RK sync_every=16", sync_every=16),
+        "RK sync_every=16, cuda_graph": rk_run("RK sync_every=16, cuda_graph", sync_every=16, cuda_graph=True),
     }
     times = alternate(candidates, repeats, warmup=1)
     print(f"  whole solve to t1={t1:g} at rtol=atol={tol:g}:")

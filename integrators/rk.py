@@ -486,8 +486,8 @@ class _DeviceLoop(_AdaptiveLoop):
         self.work = s.stages.clone()  # work[0] = f(t0, y0)
         self.y_new, self.combo = torch.empty_like(y0), torch.empty_like(y0)
         # t: the accepted time; t0, h: the last accepted step; target: the save time to reach (−∞ masks every attempt)
-        self.t, self.t0, self.h = (torch.tensor(s.t0, **like64) for _ in range(3))
-        self.dt = torch.tensor(s.dt, **like64)
+        self.t, self.t0 = torch.tensor(s.t0, **like64), torch.tensor(s.t0, **like64)
+        self.h, self.dt = torch.tensor(s.h, **like64), torch.tensor(s.dt, **like64)
         self.target = torch.tensor(-math.inf, **like64)
         self.one, self.dfactor = torch.tensor(1.0, **like64), torch.tensor(integrator.dfactor, **like64)
         self.counts = torch.zeros(5, **like64)  # accepted, rejected, evaluations, NaN failures, step-size underflows
@@ -516,7 +516,8 @@ class _DeviceLoop(_AdaptiveLoop):
         ratio = h.abs() * self.norm.to(torch.float64) / math.sqrt(self.error.numel())
         t1 = t + h
         nan, underflow = active & torch.isnan(ratio), active & ~(t1 > t)
-        accept = active & (ratio <= 1) & ~underflow
+        decided = active & ~nan & ~underflow  # an attempt that neither failed nor was masked
+        accept = decided & (ratio <= 1)
         if not tab.fsal:
             self.f(t1, self.y_new, w[self.f1_row])
         torch.where(accept, s.y1, s.y0, out=s.y0)
@@ -530,9 +531,9 @@ class _DeviceLoop(_AdaptiveLoop):
         integrator = self.integrator
         factor = (integrator.safety / ratio.pow(1.0 / tab.order)).maximum(torch.where(ratio < 1, self.one, self.dfactor))
         factor = torch.where(ratio == 0, integrator.ifactor, factor.clamp(max=integrator.ifactor))
-        torch.where(active & ~nan & ~underflow, h * factor, h, out=self.dt)
+        torch.where(decided, h * factor, h, out=self.dt)
         evaluations = active.double() * (tab.stages - 1) + (0 if tab.fsal else accept.double())
-        counts.add_(torch.stack([accept.double(), (active & ~accept & ~nan & ~underflow).double(), evaluations, nan.double(), underflow.double()]))
+        counts.add_(torch.stack([accept.double(), (decided & ~accept).double(), evaluations, nan.double(), underflow.double()]))
 
     def _launch(self) -> None:
         """One attempt: a replay of its graph; before capture, a live warm-up attempt on a side

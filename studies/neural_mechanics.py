@@ -1,8 +1,8 @@
 """Neural Mechanics (Kunin et al., ICLR 2021) on digits: the broken laws follow their predictions.
 
 A VGG-style CNN (``models.cnn.vgg``, 3 conv blocks of 8 channels, with and without BatchNorm)
-is trained by PyTorch's SGD (float64 by default, float32 with ``--dtype float32``) with batch 64, weight decay λ ∈ {0, 1e-4, 5e-4, 1e-3} and
-momentum β ∈ {0, 0.9, 0.99}, recording every step. For each run ``flowsim.theory.predict``
+is trained by PyTorch's SGD (float64 by default, float32 with ``--dtype float32``) with batch
+64, weight decay λ ∈ {0, 1e-4, 5e-4, 1e-3} and momentum β ∈ {0, 0.9, 0.99}, recording every step. For each run ``flowsim.theory.predict``
 gives the exact discrete recursion and the continuous solution (first order without momentum,
 in both rate variants; the damped oscillator with it), and the study tabulates the largest
 error of each against the measured laws, relative to each component's range over the run.
@@ -24,8 +24,8 @@ table (``table.md``, also printed) and the figure ``neural_mechanics.png``: clas
 sums (translation), squared channel norms before BatchNorm (scale) and differences of
 consecutive layers' squared channel norms (rescale), with the continuous prediction dashed.
 The full grid is 27 runs, 126,000 steps: 24–28 minutes per dtype with both dtypes running side
-by side on a 2-core machine. ``--decays``/``--momenta``/``--only`` run part of it (the table and figure then
-cover what was run); since complete records are reused, parts can run in parallel and a last
+by side on a 2-core machine. ``--decays``/``--momenta``/``--only`` run part of it (the table and
+figure then cover what was run); since complete records are reused, parts can run in parallel and a last
 call with ``--table-only`` writes the combined table of every complete record. ``--quick``: a fifth of the steps.
 """
 
