@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import DataError, ModelError, bad_value, check_number
@@ -43,6 +44,32 @@ def _batch_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
     if kind == "cross_entropy":
         return nn.functional.cross_entropy(output, target)
     return nn.functional.mse_loss(output, target)
+
+
+class CompiledGradient:
+    """θ ↦ (∇L(θ), L(θ)) on fixed data (X, y): torch.func's ``grad_and_value`` of the loss,
+    traced at the first call into one ATen graph by ``make_fx`` and compiled by TorchInductor
+    (``torch._inductor.compile``).
+
+    Tracing uses fake tensors, so Python control flow that depends on values is refused (and
+    the problem falls back to eager evaluation), never baked in. There is no TorchDynamo: the
+    inputs keep their shape, dtype and device for the whole run, so there is nothing to guard.
+    Its guards and wrappers cost about 0.35 ms per call, an eighth of an MLP gradient on two
+    CPU cores (BENCHMARKS.md, flowsim vs diffrax).
+    """
+
+    def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor], X: Tensor, y: Tensor) -> None:
+        self.loss, self.X, self.y = loss, X, y
+        self.compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
+
+    def __call__(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        if self.compiled is None:
+            import torch._inductor  # lazily: loading the compiler takes a second
+
+            inputs = [theta, self.X, self.y]
+            graph = make_fx(torch.func.grad_and_value(self.loss), tracing_mode="fake")(*inputs)
+            self.compiled = torch._inductor.compile(graph, inputs)
+        return self.compiled(theta, self.X, self.y)
 
 
 class Problem:
@@ -99,7 +126,7 @@ class Problem:
         reference = named[0][1]
         self.device, self.dtype = reference.device, reference.dtype
         self._net, self._flat, self._flat_grad = _flat_network(model, self.names, self.sizes)
-        self._compiled_grad: Any = None  # set on the twin that compiled_gradient() returns
+        self._compiled_grad: CompiledGradient | None = None  # set on the twin that compiled_gradient() returns
 
         self.X, self.y = self._check_data(data)
         self.output_shape = self._probe_output()
@@ -239,9 +266,9 @@ class Problem:
             try:
                 grad, loss = self._compiled_grad(theta)
                 return loss, grad
-            except Exception as exc:  # any failure of the compiler: carry on eagerly
+            except Exception as exc:  # any failure of the tracer or the compiler: carry on eagerly
                 warnings.warn(
-                    f"compile: torch.compile failed ({type(exc).__name__}: {exc}); evaluating the gradient eagerly",
+                    f"compile: compiling the gradient failed ({type(exc).__name__}: {exc}); evaluating it eagerly",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -263,19 +290,18 @@ class Problem:
 
     def compiled_gradient(self) -> Problem:
         """A twin of this problem (the same network, data and buffers) whose full-batch
-        ``loss_and_grad`` is one ``torch.compile``d function θ ↦ (∇L, L): torch.func's
-        grad_and_value through ``functional_call``, so the forward and backward passes are one
-        graph (elementwise work fused, no copy of θ in or of ĝ out). Mini-batches and chunked
-        problems stay eager. If compiling or running the compiled code fails, the twin warns
-        once and evaluates eagerly from then on."""
+        ``loss_and_grad`` is one compiled function θ ↦ (∇L, L) (``CompiledGradient``): the
+        forward and backward passes as one graph, elementwise work fused, no copy of θ in or of
+        ĝ out. Mini-batches and chunked problems stay eager. If tracing, compiling or running the
+        compiled code fails, the twin warns once and evaluates eagerly from then on."""
         twin = copy.copy(self)
         if len(self._parts(None)) > 1:  # chunked: eager
             return twin
 
-        def loss(theta: Tensor) -> Tensor:
-            return _batch_loss(self.loss_kind, self._forward(theta, self.X), self.y)
+        def loss(theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
+            return _batch_loss(self.loss_kind, self._forward(theta, X), y)
 
-        twin._compiled_grad = torch.compile(torch.func.grad_and_value(loss), fullgraph=True, dynamic=False)
+        twin._compiled_grad = CompiledGradient(loss, self.X, self.y)
         return twin
 
     def weighted_grad(self, theta: Tensor, weights: Tensor) -> Tensor:

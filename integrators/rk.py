@@ -158,9 +158,9 @@ class RK(Integrator):
     - `max_steps`: give up (IntegrationError) after this many steps, accepted or rejected, in
       the whole run (torchdiffeq's ``max_num_steps`` counts per save interval). None: no limit.
     - `safety`, `ifactor`, `dfactor`: the step-size controller's (torchdiffeq's defaults).
-    - `compile`: evaluate the full-batch gradients through one ``torch.compile``d forward and
-      backward graph (``Problem.compiled_gradient``; falls back, with a warning, to the eager
-      evaluation when compilation fails).
+    - `compile`: evaluate the full-batch gradients through one compiled forward and backward
+      graph (``Problem.compiled_gradient``: make_fx and TorchInductor; falls back, with a
+      warning, to the eager evaluation when tracing or compilation fails).
     - `sync_every`: adaptive methods only. None: each accept/reject decision is taken on the
       host (one synchronisation per step on a GPU). An integer n: the step-size control runs on
       the device (``_DeviceLoop``) and the host reads the state once per chunk of at most n

@@ -2,12 +2,13 @@
 
 import dataclasses
 import math
-import os
 import warnings
 
 import pytest
 import torch
+import torch._inductor
 import xarray as xr
+from torch import Tensor, nn
 
 import flowsim as fs
 from flowsim.dynamics import ContinuousDynamics
@@ -268,13 +269,10 @@ def test_float32_runs_and_refuses_what_it_cannot_honour(smooth):
 def test_compile_failure_falls_back_with_a_warning(smooth, monkeypatch):
     problem, theta0 = smooth
 
-    def broken(fn, **options):
-        def call(*args):
-            raise RuntimeError("no compiler here")
+    def broken(graph, inputs):
+        raise RuntimeError("no compiler here")
 
-        return call
-
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch._inductor, "compile", broken)
     f = vector_field(fs.GradientFlow(), problem, compile=True)
     out, expected = torch.empty_like(theta0), fs.GradientFlow().derivative(problem, torch.tensor(0.0), theta0)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
@@ -286,19 +284,47 @@ def test_compile_failure_falls_back_with_a_warning(smooth, monkeypatch):
 
 
 def test_compile_switch(smooth, monkeypatch):
-    """compile=False never calls torch.compile; compile=True compiles the problem's full-batch
-    gradient once (here with a stand-in compiler that returns torch.func's grad_and_value
-    unchanged): the functional gradient, equal to the flat-buffer one to round-off, so the same
-    steps and states to 1e-12."""
+    """compile=False never compiles; compile=True traces the problem's full-batch gradient once
+    (make_fx, fake tensors) and hands the graph to the compiler once (here a stand-in that
+    returns the traced graph unchanged): the functional gradient, equal to the flat-buffer one
+    to round-off, so the same steps and states to 1e-12."""
     problem, theta0 = smooth
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
+
+    def stand_in(graph, inputs):
+        compiled.append([tuple(x.shape) for x in inputs])
+        return graph
+
+    monkeypatch.setattr(torch._inductor, "compile", stand_in)
     off = list(RK("dopri5", rtol=1e-6, atol=1e-6).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
     assert compiled == []
     on = list(RK("dopri5", rtol=1e-6, atol=1e-6, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
-    assert compiled == [{"fullgraph": True, "dynamic": False}]
+    assert compiled == [[tuple(theta0.shape), tuple(problem.X.shape), tuple(problem.y.shape)]]
     assert [(p.step, p.nfe) for p in on] == [(p.step, p.nfe) for p in off] and relative(on[-1].theta, off[-1].theta) < 1e-12
     assert problem._compiled_grad is None  # the twin compiled, not the problem the user holds
+
+
+def test_compile_refuses_value_dependent_control_flow():
+    """A model whose Python branches on a value cannot be traced with fake tensors: the twin
+    warns and evaluates eagerly instead of baking one branch into the graph."""
+
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.fc(x)
+            return out if out.sum() > 0 else -out
+
+    torch.manual_seed(0)
+    problem = fs.Problem(Branching().double(), (torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3))
+    theta = problem.initial_theta()
+    twin = problem.compiled_gradient()
+    with pytest.warns(RuntimeWarning, match="compiling the gradient failed"):
+        loss, grad = twin.loss_and_grad(theta)
+    expected_loss, expected_grad = problem.loss_and_grad(theta)
+    assert torch.equal(grad, expected_grad) and torch.equal(loss, expected_loss)
 
 
 def test_ensemble_runs_flat_and_compile_leaves_it_eager():
@@ -316,9 +342,9 @@ def test_ensemble_runs_flat_and_compile_leaves_it_eager():
     assert (compiled.params == fused.params).all()
 
 
-@pytest.mark.skipif(not os.environ.get("FLOWSIM_TEST_COMPILE"), reason="torch.compile takes tens of seconds on CPU: FLOWSIM_TEST_COMPILE=1")
 def test_compiled_vector_field_equals_eager(smooth):
-    """The real torch.compile: the same steps, and states to 1e-12 relative."""
+    """The real compiler (make_fx and TorchInductor, ~10 s on 2 cores): the same steps, and
+    states to 1e-12 relative."""
     problem, theta0 = smooth
     eager = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
     with warnings.catch_warnings():
