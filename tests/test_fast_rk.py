@@ -364,6 +364,19 @@ def test_on_cuda_equals_cpu(gpu, smooth):
 
 
 @pytest.mark.gpu
+def test_compiled_on_cuda_equals_cpu(gpu, smooth):
+    """compile=True on CUDA (TorchInductor's GPU kernels, no fallback): the CPU host loop's
+    steps, states to 1e-10 relative."""
+    problem, theta0 = smooth
+    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        on_gpu = list(RK("dopri5", rtol=1e-8, atol=1e-8, compile=True).solve(fs.GradientFlow(), problem.to(gpu), theta0.to(gpu), GRID, 0))
+    assert [(p.step, p.nfe) for p in on_gpu] == [(p.step, p.nfe) for p in cpu]
+    assert relative(on_gpu[-1].theta.cpu(), cpu[-1].theta) < 1e-10
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["launches", "cuda_graph"])
 def test_device_control_on_cuda_equals_the_host_loop_on_cpu(gpu, smooth, cuda_graph):
     """On the GPU, the device loop (and its CUDA-graph replay) takes the host loop's steps."""
