@@ -46,10 +46,29 @@ def _batch_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
     return nn.functional.mse_loss(output, target)
 
 
+def split_contraction(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for a (m, k) and b (k, n) with a long contraction, k ≥ 2·max(m, n), on the CPU:
+    Σ_s a[:, K_s] b[K_s, :] over S equal slices K_s of the k axis, as one batched product and
+    a sum (S = the torch threads, at most k / max(m, n)). Other products: ``NotImplemented``
+    (make_fx keeps them as they are).
+
+    A weight gradient δᵀH has a small output (out × in) and contracts over the N examples; the
+    BLAS splits a product's output, not its contraction, across threads, and on 2 cores MKL
+    runs these products little faster than on one. The batched product gives each thread its
+    slice of the examples: the MLP gradient of the diffrax benchmark takes 0.85–0.96× the time
+    (``CompiledGradient``; the same sums in another order, equal to round-off)."""
+    (m, k), n = a.shape, b.shape[1]
+    slices = min(torch.get_num_threads(), k // max(m, n, 1))
+    if a.device.type != "cpu" or slices < 2 or k % slices:
+        return NotImplemented
+    return torch.bmm(a.view(m, slices, k // slices).transpose(0, 1), b.view(slices, k // slices, n)).sum(0)
+
+
 class CompiledGradient:
     """θ ↦ (∇L(θ), L(θ)) on fixed data (X, y): torch.func's ``grad_and_value`` of the loss,
     traced at the first call into one ATen graph by ``make_fx`` and compiled by TorchInductor
-    (``torch._inductor.compile``).
+    (``torch._inductor.compile``). On the CPU, products with a long contraction (the weight
+    gradients) are traced as ``split_contraction``.
 
     Tracing uses fake tensors, so Python control flow that depends on values is refused (and
     the problem falls back to eager evaluation), never baked in. There is no TorchDynamo: the
@@ -60,6 +79,7 @@ class CompiledGradient:
 
     def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor], X: Tensor, y: Tensor) -> None:
         self.loss, self.X, self.y = loss, X, y
+        self.graph: torch.fx.GraphModule | None = None  # the traced ATen graph, kept for inspection
         self.compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def __call__(self, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,8 +87,9 @@ class CompiledGradient:
             import torch._inductor  # lazily: loading the compiler takes a second
 
             inputs = [theta, self.X, self.y]
-            graph = make_fx(torch.func.grad_and_value(self.loss), tracing_mode="fake")(*inputs)
-            self.compiled = torch._inductor.compile(graph, inputs)
+            decompositions = {torch.ops.aten.mm.default: split_contraction}
+            self.graph = make_fx(torch.func.grad_and_value(self.loss), decompositions, tracing_mode="fake")(*inputs)
+            self.compiled = torch._inductor.compile(self.graph, inputs)
         return self.compiled(theta, self.X, self.y)
 
 

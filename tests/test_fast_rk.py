@@ -13,6 +13,7 @@ from torch import Tensor, nn
 import flowsim as fs
 from flowsim.dynamics import ContinuousDynamics
 from flowsim.errors import ConfigError, IntegrationError
+from flowsim.problem import split_contraction
 from flowsim.integrators import INTEGRATORS, ODE, RK, SaveGrid
 from flowsim.integrators.rk import TABLEAUS, ButcherTableau, _AdaptiveLoop, _DeviceLoop, _FixedLoop, vector_field
 
@@ -342,14 +343,41 @@ def test_ensemble_runs_flat_and_compile_leaves_it_eager():
     assert (compiled.params == fused.params).all()
 
 
-def test_compiled_vector_field_equals_eager(smooth):
-    """The real compiler (make_fx and TorchInductor, ~10 s on 2 cores): the same steps, and
-    states to 1e-12 relative."""
+@pytest.fixture
+def two_threads():
+    """Two torch threads for one test (the suite runs on one): what ``split_contraction`` splits over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_split_contraction(two_threads):
+    """A long contraction (k ≥ 2·max(m, n)) becomes a batched product over slices of k and a
+    sum, equal to the product to round-off; a short one, a GPU tensor's or one thread's is left
+    to the BLAS (NotImplemented: make_fx keeps the mm)."""
+    a, b = torch.randn(8, 64, dtype=torch.float64), torch.randn(64, 10, dtype=torch.float64)
+    split = split_contraction(a, b)
+    assert split is not NotImplemented and relative(split, a @ b) < 1e-14
+    assert split_contraction(torch.randn(64, 8, dtype=torch.float64), b[:8]) is NotImplemented  # k = 8 < 2·max(64, 10)
+    assert split_contraction(torch.randn(8, 63, dtype=torch.float64), torch.randn(63, 10, dtype=torch.float64)) is NotImplemented
+    torch.set_num_threads(1)
+    assert split_contraction(a, b) is NotImplemented
+
+
+def test_compiled_vector_field_equals_eager(smooth, two_threads):
+    """The real compiler (make_fx and TorchInductor, ~10 s on 2 cores), with two threads so
+    that the weight gradients of the hidden and output layers (contractions over the 32
+    examples) are split: the same steps, and states to 1e-12 relative."""
     problem, theta0 = smooth
     eager = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    twin = problem.compiled_gradient()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback: it really compiled
+        twin.loss_and_grad(theta0)
         compiled = list(RK("dopri5", rtol=1e-8, atol=1e-8, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    traced = twin._compiled_grad.graph
+    assert sum(node.target == torch.ops.aten.bmm.default for node in traced.graph.nodes) == 2
     assert [(p.step, p.nfe) for p in compiled] == [(p.step, p.nfe) for p in eager]
     assert relative(compiled[-1].theta, eager[-1].theta) < 1e-12
 
