@@ -194,7 +194,7 @@ def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool, d
         if "diffrax" in candidates:
             print(f"  diffrax compile (first call, jit + run): {diffrax_compile:.2f} s")
         if compile_time is not None:
-            print(f"  flowsim compile=True first solve (torch.compile + run): {compile_time:.2f} s")
+            print(f"  flowsim compile=True first solve (tracing, TorchInductor and the solve): {compile_time:.2f} s")
         reference = statistics.median(times["diffrax"]) if "diffrax" in times else None
         for name, ts in times.items():
             med = statistics.median(ts)
@@ -224,7 +224,7 @@ if __name__ == "__main__":
     parser.add_argument("--t1", type=float, default=10.0)
     parser.add_argument("--tol", type=float, default=1e-7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true", help="also time RK(compile=True) (tens of seconds of torch.compile on CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time RK(compile=True) (5–20 s of compiling on the CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     if args.threads:
