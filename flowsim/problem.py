@@ -72,9 +72,9 @@ class CompiledGradient:
 
     Tracing uses fake tensors, so Python control flow that depends on values is refused (and
     the problem falls back to eager evaluation), never baked in. There is no TorchDynamo: the
-    inputs keep their shape, dtype and device for the whole run, so there is nothing to guard.
-    Its guards and wrappers cost about 0.35 ms per call, an eighth of an MLP gradient on two
-    CPU cores (BENCHMARKS.md, flowsim vs diffrax).
+    inputs keep their shape, dtype and device for the whole run, so there is nothing to guard;
+    Dynamo's guards and wrappers cost about 0.35 ms per call, an eighth of an MLP gradient on
+    two CPU cores (BENCHMARKS.md, flowsim vs diffrax).
     """
 
     def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor], X: Tensor, y: Tensor) -> None:

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 import flowsim as fs
 from flowsim.dynamics import ContinuousDynamics
 from flowsim.errors import ConfigError, IntegrationError
-from flowsim.problem import split_contraction
 from flowsim.integrators import INTEGRATORS, ODE, RK, SaveGrid
 from flowsim.integrators.rk import TABLEAUS, ButcherTableau, _AdaptiveLoop, _DeviceLoop, _FixedLoop, vector_field
+from flowsim.problem import split_contraction
 
 from conftest import build_problem, relative
 
@@ -354,13 +354,14 @@ def two_threads():
 
 def test_split_contraction(two_threads):
     """A long contraction (k ≥ 2·max(m, n)) becomes a batched product over slices of k and a
-    sum, equal to the product to round-off; a short one, a GPU tensor's or one thread's is left
-    to the BLAS (NotImplemented: make_fx keeps the mm)."""
+    sum, equal to the product to round-off; a short one, one off the CPU or one with a single
+    thread is left to the BLAS (NotImplemented: make_fx keeps the mm)."""
     a, b = torch.randn(8, 64, dtype=torch.float64), torch.randn(64, 10, dtype=torch.float64)
     split = split_contraction(a, b)
     assert split is not NotImplemented and relative(split, a @ b) < 1e-14
     assert split_contraction(torch.randn(64, 8, dtype=torch.float64), b[:8]) is NotImplemented  # k = 8 < 2·max(64, 10)
     assert split_contraction(torch.randn(8, 63, dtype=torch.float64), torch.randn(63, 10, dtype=torch.float64)) is NotImplemented
+    assert split_contraction(a.to("meta"), b.to("meta")) is NotImplemented
     torch.set_num_threads(1)
     assert split_contraction(a, b) is NotImplemented
 
