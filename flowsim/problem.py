@@ -47,19 +47,21 @@ def _batch_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
 
 
 def split_contraction(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for a (m, k) and b (k, n) with a long contraction, k ≥ 2·max(m, n), on the CPU:
-    Σ_s a[:, K_s] b[K_s, :] over S equal slices K_s of the k axis, as one batched product and
-    a sum (S = the torch threads, at most k / max(m, n)). Other products: ``NotImplemented``
-    (make_fx keeps them as they are).
+    """a @ b for a (m, k) and b (k, n) on the CPU with a contraction long enough to give each
+    of the T torch threads a slice at least max(m, n) long (k ≥ T·max(m, n), T ≥ 2):
+    Σ_s a[:, K_s] b[K_s, :] over T equal slices K_s of the k axis, as one batched product and
+    a sum. Other products: ``NotImplemented`` (make_fx keeps them as they are).
 
     A weight gradient δᵀH has a small output (out × in) and contracts over the N examples; the
     BLAS splits a product's output, not its contraction, across threads, and on 2 cores MKL
     runs these products little faster than on one. The batched product gives each thread its
     slice of the examples: the MLP gradient of the diffrax benchmark takes 0.85–0.96× the time
-    (``CompiledGradient``; the same sums in another order, equal to round-off)."""
+    on 2 cores (``CompiledGradient``; the same sums in another order, equal to round-off).
+    Where the threads outnumber the slices the output can be split into, the product is left
+    to the BLAS (not measured: a machine with many cores may tile the output well)."""
     (m, k), n = a.shape, b.shape[1]
-    slices = min(torch.get_num_threads(), k // max(m, n, 1))
-    if a.device.type != "cpu" or slices < 2 or k % slices:
+    slices = torch.get_num_threads()
+    if a.device.type != "cpu" or slices < 2 or k < slices * max(m, n) or k % slices:
         return NotImplemented
     return torch.bmm(a.view(m, slices, k // slices).transpose(0, 1), b.view(slices, k // slices, n)).sum(0)
 

@@ -353,15 +353,20 @@ def two_threads():
 
 
 def test_split_contraction(two_threads):
-    """A long contraction (k ≥ 2·max(m, n)) becomes a batched product over slices of k and a
-    sum, equal to the product to round-off; a short one, one off the CPU or one with a single
-    thread is left to the BLAS (NotImplemented: make_fx keeps the mm)."""
+    """A long contraction (k ≥ threads·max(m, n)) becomes a batched product over one slice of
+    k per thread and a sum, equal to the product to round-off; a shorter one, one off the CPU
+    or one with a single thread is left to the BLAS (NotImplemented: make_fx keeps the mm)."""
     a, b = torch.randn(8, 64, dtype=torch.float64), torch.randn(64, 10, dtype=torch.float64)
     split = split_contraction(a, b)
     assert split is not NotImplemented and relative(split, a @ b) < 1e-14
     assert split_contraction(torch.randn(64, 8, dtype=torch.float64), b[:8]) is NotImplemented  # k = 8 < 2·max(64, 10)
     assert split_contraction(torch.randn(8, 63, dtype=torch.float64), torch.randn(63, 10, dtype=torch.float64)) is NotImplemented
+    assert split_contraction(torch.randn(40, 64, dtype=torch.float64), b) is NotImplemented  # 64 < 2·40
     assert split_contraction(a.to("meta"), b.to("meta")) is NotImplemented
+    wide = torch.randn(64, 20, dtype=torch.float64)
+    assert split_contraction(a, wide) is not NotImplemented  # two threads: 64 ≥ 2·20
+    torch.set_num_threads(4)
+    assert split_contraction(a, wide) is NotImplemented  # four: 64 < 4·20, a slice per thread too short
     torch.set_num_threads(1)
     assert split_contraction(a, b) is NotImplemented
 
