@@ -374,10 +374,7 @@ class DiscreteSGD(Dynamics):
 
     def step(self, problem: Problem, state: SGDState, k: int, seed: int) -> StepResult:
         """One step of torch.optim.SGD from θ_k."""
-        if getattr(problem, "member_seeds", None) is None:
-            index = self.batch(problem, k, seed)
-        else:  # an ensemble whose members draw their batches from their own seeds: (K, S)
-            index = problem.member_batches(self, k)
+        index = problem.batch_indices(self, k, seed)  # an ensemble with member seeds: one batch per member
         loss, grad = problem.loss_and_grad(state.theta, index)
         d_p = grad.add(state.theta, alpha=problem.weight_decay) if problem.weight_decay else grad
         buffer, velocity = None, None

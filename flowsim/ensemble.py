@@ -48,7 +48,7 @@ class Ensemble:
     def __init__(self, problem: Problem, size: int, member_seeds: tuple[int, ...] | None = None) -> None:
         self.problem = problem
         self.members = (self.dim, size)
-        #: member k's own seed of its mini-batches (``member_batches``), or None: all use the run's seed
+        #: member k's own seed of its mini-batches (``batch_indices``), or None: all use the run's seed
         self.member_seeds = member_seeds
         self._forward_members = vmap(problem._forward, in_dims=(0, None))
         self._forward_each = vmap(problem._forward, in_dims=(0, 0))
@@ -58,10 +58,12 @@ class Ensemble:
     def __getattr__(self, name: str):
         return getattr(self.problem, name)
 
-    def member_batches(self, dynamics: DiscreteSGD, k: int) -> Tensor | None:
-        """Step k's mini-batch of every member, each drawn from its own seed as its own run
-        would draw it: (K, S) example indices, or None for full batch."""
-        rows = [dynamics.batch(self.problem, k, seed) for seed in self.member_seeds]
+    def batch_indices(self, dynamics: DiscreteSGD, k: int, seed: int) -> Tensor | None:
+        """Step k's mini-batch: the run's, drawn from `seed` and shared by the members (S,); with
+        ``member_seeds``, every member's own, drawn as its own run draws it (K, S); None for full batch."""
+        if self.member_seeds is None:
+            return dynamics.batch(self.problem, k, seed)
+        rows = [dynamics.batch(self.problem, k, s) for s in self.member_seeds]
         return None if rows[0] is None else torch.stack(rows)
 
     def compiled_gradient(self) -> Ensemble:

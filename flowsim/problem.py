@@ -19,7 +19,7 @@ import copy
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import DataError, ModelError, bad_value, check_number
+
+if TYPE_CHECKING:
+    from .dynamics import DiscreteSGD
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -55,10 +58,10 @@ def split_contraction(a: Tensor, b: Tensor) -> Tensor:
     A weight gradient δᵀH has a small output (out × in) and contracts over the N examples; the
     BLAS splits a product's output, not its contraction, across threads, and on 2 cores MKL
     runs these products little faster than on one. The batched product gives each thread its
-    slice of the examples: the MLP gradient of the diffrax benchmark takes 0.85–0.96× the time
-    on 2 cores (``CompiledGradient``; the same sums in another order, equal to round-off).
-    Where the threads outnumber the slices the output can be split into, the product is left
-    to the BLAS (not measured: a machine with many cores may tile the output well)."""
+    slice of the examples: the MLP gradient of the diffrax benchmark takes 0.85–0.92× the time
+    on 2 cores (``benchmarks/compiled_gradient.py``; the same sums in another order, equal to
+    round-off). Where a slice per thread would be shorter than max(m, n) (many cores) the
+    product is left to the BLAS, which may tile the output well there (not measured)."""
     (m, k), n = a.shape, b.shape[1]
     slices = torch.get_num_threads()
     if a.device.type != "cpu" or slices < 2 or k < slices * max(m, n) or k % slices:
@@ -75,8 +78,8 @@ class CompiledGradient:
     Tracing uses fake tensors, so Python control flow that depends on values is refused (and
     the problem falls back to eager evaluation), never baked in. There is no TorchDynamo: the
     inputs keep their shape, dtype and device for the whole run, so there is nothing to guard;
-    Dynamo's guards and wrappers cost about 0.35 ms per call, an eighth of an MLP gradient on
-    two CPU cores (BENCHMARKS.md, flowsim vs diffrax).
+    Dynamo's guards and wrappers cost 0.2–0.35 ms per call, a tenth of an MLP gradient on two
+    CPU cores (``benchmarks/compiled_gradient.py``).
     """
 
     def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor], X: Tensor, y: Tensor) -> None:
@@ -260,6 +263,11 @@ class Problem:
         """ℓ_i(θ) for the examples in `index` (all by default), evaluated together."""
         X, y = (self.X, self.y) if index is None else (self.X[index], self.y[index])
         return _per_example_loss(self.loss_kind, self._forward(theta, X), y)
+
+    def batch_indices(self, dynamics: DiscreteSGD, k: int, seed: int) -> Tensor | None:
+        """Step k's mini-batch as `dynamics` draws it from `seed` (``DiscreteSGD.batch``); an
+        ``Ensemble`` draws one per member when its members have their own seeds."""
+        return dynamics.batch(self, k, seed)
 
     def loss(self, theta: Tensor, index: Tensor | None = None) -> Tensor:
         """L(θ): mean data loss (no weight-decay penalty) over `index` (all examples by default)."""
