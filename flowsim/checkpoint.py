@@ -33,6 +33,7 @@ import xarray as xr
 from torch import Tensor
 
 from .errors import ConfigError, RecordError
+from .store import checkpoint_path, open_record, record_attrs
 
 FORMAT = 1
 
@@ -54,12 +55,6 @@ FIELDS = {
     "theta0": "model (its initial parameters)",
     "data": "data",
 }
-
-
-def checkpoint_path(out: str | os.PathLike) -> Path:
-    """Where the checkpoint of the record `out` lives: ``<out>.ckpt`` beside it."""
-    out = Path(out)
-    return out.with_name(out.name + ".ckpt")
 
 
 def digest(*tensors: Tensor) -> str:
@@ -139,8 +134,8 @@ def check_same(stored: dict[str, Any], current: dict[str, Any], out: Path) -> No
         a, b = stored[key], current[key]
         if a == b:
             continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+        if isinstance(a, dict) and isinstance(b, dict):  # another name first: the rest follows from it
+            sub = next(k for k in sorted(a.keys() | b.keys(), key=lambda k: (k != "name", k)) if a.get(k) != b.get(k))
             field, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
         else:
             field = FIELDS.get(key, key)
@@ -151,25 +146,16 @@ def check_same(stored: dict[str, Any], current: dict[str, Any], out: Path) -> No
         )
 
 
-def record_attrs(out: Path) -> dict[str, Any] | None:
-    """The attrs of the record at `out`, or None if there is none or it cannot be read."""
-    if not out.exists():
-        return None
-    try:
-        with (xr.open_zarr(out) if out.suffix == ".zarr" else xr.open_dataset(out)) as ds:
-            return dict(ds.attrs)
-    except Exception:
-        return None
-
-
 def resume_point(out: Path, current: dict[str, Any], device: torch.device) -> Checkpoint | xr.Dataset:
     """What resuming the run at `out` starts from: its record if the run has ended, else its
-    checkpoint, once either is checked to be this very run."""
-    from .record import open_record
-
+    checkpoint, once either is checked to be this very run (every field of the fingerprint, which
+    the record's ``fingerprint`` attr holds)."""
     attrs = record_attrs(out)
     if attrs is not None and attrs.get("status") in ENDED:
-        stored = {k: json.loads(attrs[k]) if k in ("problem", "dynamics", "integrator") else attrs[k] for k in ATTR_FIELDS if k in attrs}
+        if "fingerprint" in attrs:
+            stored = json.loads(attrs["fingerprint"])
+        else:  # a record written before the fingerprint was stored
+            stored = {k: json.loads(attrs[k]) if k in ("problem", "dynamics", "integrator") else attrs[k] for k in ATTR_FIELDS if k in attrs}
         check_same(stored, current, out)
         checkpoint_path(out).unlink(missing_ok=True)  # left by a kill just after the run ended
         return open_record(out)

@@ -15,11 +15,8 @@ quantity), ``loss`` (time, path), …); ``time``, ``step``, ``nfe`` and ``wall_t
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time as _time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +24,11 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from .errors import ConfigError, RecordError, bad_value
+from .errors import ConfigError
 from .integrators import SavePoint
 from .laws import LawSet
 from .problem import Problem
+from .store import NetCDFStore, ZarrStore, open_record
 
 OBSERVABLES = ("loss", "grad_norm", "sharpness", "params")
 
@@ -72,49 +70,12 @@ VARIABLES: dict[str, dict[str, str]] = {
 
 
 def check_observe(observe: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(observe, str) or not all(isinstance(o, str) for o in observe):
+    if isinstance(observe, (str, dict)) or not isinstance(observe, Sequence) or not all(isinstance(o, str) for o in observe):
         raise ConfigError(f"run.observe: got {observe!r}; expected a list of names from {', '.join(OBSERVABLES)}")
     unknown = [o for o in observe if o not in OBSERVABLES]
     if unknown:
         raise ConfigError(f"run.observe: got {unknown[0]!r}; expected names from {', '.join(OBSERVABLES)}")
     return tuple(dict.fromkeys(observe))
-
-
-def check_output(out: str | os.PathLike | None, resume: bool, overwrite: bool) -> Path | None:
-    """The output path, refused before any work if it would damage what is there: an existing
-    record (or its checkpoint) needs `overwrite` or `resume`, and `resume` needs one."""
-    from .checkpoint import checkpoint_path
-
-    if resume and overwrite:
-        raise ConfigError("run.resume: got resume=True and overwrite=True; expected one of them (continue the run, or replace it)")
-    if out is None:
-        if resume:
-            raise ConfigError("run.resume: got resume=True without run.out; expected the path of the run to continue")
-        return None
-    if not isinstance(out, (str, os.PathLike)):
-        raise bad_value("run.out", out, "a path (str) ending in .zarr or .nc")
-    path = Path(out)
-    if path.suffix not in (".zarr", ".nc") or path.name in (".zarr", ".nc"):
-        raise ConfigError(f"run.out: got {str(out)!r}; expected a path ending in .zarr or .nc")
-    there = [p for p in (path, checkpoint_path(path)) if p.exists()]
-    if there and not (resume or overwrite):
-        raise ConfigError(f"run.out: {str(there[0])!r} exists; pass overwrite=True to replace it or resume=True to continue it")
-    if resume and not there:
-        raise ConfigError(f"run.resume: {str(out)!r} does not exist; expected a run to continue (run without resume to start it)")
-    if not path.parent.is_dir():
-        raise ConfigError(f"run.out: the folder {str(path.parent)!r} does not exist")
-    return path
-
-
-def remove_output(out: Path) -> None:
-    """Delete the record at `out` and its checkpoint (``overwrite=True``), the checkpoint first."""
-    from .checkpoint import checkpoint_path
-
-    checkpoint_path(out).unlink(missing_ok=True)
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
 
 
 def sharpness(problem: Problem, theta: Tensor, iterations: int = 20, start: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -140,127 +101,6 @@ def _each(fn, theta: Tensor, *others: Tensor | None):
     return torch.stack(rows)
 
 
-class _ZarrStore:
-    """A .zarr record that a kill at any moment leaves readable, its saved rows intact.
-
-    The first flush builds the store in ``<out>.creating`` with every time-dimension array
-    allocated to the whole save grid, unwritten rows reading NaN (-1 for step and nfe), then
-    renames it to `out`. Each flush writes its rows in place, the ``time`` coordinate last; zarr
-    writes every chunk to a temporary file and renames it. So the rows whose ``time`` is not NaN
-    are complete, whatever moment a kill comes (`open_record` keeps them). `close` shrinks the
-    arrays to the rows saved, so an ended store holds exactly its rows; `reopen` (resume) grows
-    them back.
-    """
-
-    def __init__(self, path: Path, n_rows: int | None = None) -> None:
-        self.path, self.n_rows = path, n_rows
-        self.started = False
-
-    def write(self, rows: xr.Dataset, attrs: dict[str, Any], start: int = 0) -> None:
-        """Write `rows` (a Dataset of the schema) as rows start, start + 1, … of the record."""
-        if self.started:
-            self._write_rows(self.path, rows, start)
-            return
-        creating = self.path.with_name(self.path.name + ".creating")
-        shutil.rmtree(creating, ignore_errors=True)
-        self._allocate(rows, creating, max(start + rows.sizes["time"], self.n_rows or 0))
-        self._write_rows(creating, rows, start)
-        _replace_dir(creating, self.path)
-        self.started = True
-
-    def reopen(self, n_saved: int, attrs: dict[str, Any]) -> None:
-        """Go on writing a store whose first `n_saved` rows are kept (a resumed run)."""
-        import zarr
-
-        self.set_attrs(attrs)
-        self._resize(max(n_saved, self.n_rows or n_saved))
-        zarr.open_array(self.path / "time", mode="r+", zarr_format=2)[n_saved:] = np.nan
-        self.started = True
-
-    def close(self, n_saved: int, attrs: dict[str, Any]) -> None:
-        """Shrink the store to its `n_saved` rows and stamp the final attrs."""
-        self._resize(n_saved)
-        self.set_attrs(attrs)
-
-    def set_attrs(self, attrs: dict[str, Any]) -> None:
-        """Replace the store's attrs, then its consolidated metadata."""
-        import zarr
-
-        zarr.open_group(self.path, mode="r+", zarr_format=2, use_consolidated=False).attrs.put(attrs)
-        zarr.consolidate_metadata(self.path, zarr_format=2)
-
-    @staticmethod
-    def _allocate(rows: xr.Dataset, path: Path, n_rows: int) -> None:
-        """The store's metadata and attrs, its rows allocated and unwritten (xarray writes no
-        dask chunk with compute=False; only the small time and step coordinates are written)."""
-        import dask.array
-
-        variables, encoding = {}, {}
-        for name, var in rows.variables.items():
-            if "time" not in var.dims:
-                variables[name] = var
-                continue
-            fill = -1 if np.issubdtype(var.dtype, np.integer) else np.nan
-            shape = (n_rows, *var.shape[1:])
-            chunks = (max(1, min(n_rows, 2**18 // max(1, int(np.prod(var.shape[1:], dtype=np.int64))))), *var.shape[1:])
-            if name in rows.coords:  # time and step: small, written whole
-                data: Any = np.full(shape, fill, dtype=var.dtype)
-                encoding[name] = {"chunks": chunks}
-            else:
-                data = dask.array.full(shape, fill, dtype=var.dtype, chunks=chunks)
-            variables[name] = xr.Variable(var.dims, data, var.attrs)
-        template = xr.Dataset({k: v for k, v in variables.items() if k not in rows.coords}, attrs=rows.attrs)
-        template = template.assign_coords({k: variables[k] for k in rows.coords})
-        template.to_zarr(path, mode="w", compute=False, zarr_format=2, consolidated=True, encoding=encoding)
-
-    def _write_rows(self, path: Path, rows: xr.Dataset, start: int) -> None:
-        """Rows start … start + n − 1 of every time-dimension array, ``time`` last."""
-        import zarr
-
-        group = zarr.open_group(path, mode="r+", zarr_format=2, use_consolidated=False)
-        stop = start + rows.sizes["time"]
-        if stop > group["time"].shape[0]:  # no save grid given: grow as needed
-            self._resize(max(stop, 2 * group["time"].shape[0]), path)
-        names = [k for k, v in rows.variables.items() if "time" in v.dims and k != "time"] + ["time"]
-        for name in names:
-            group[name][start:stop] = rows[name].values
-
-    def _resize(self, n_rows: int, path: Path | None = None) -> None:
-        """Every time-dimension array to `n_rows` rows (zarr drops the chunks beyond)."""
-        import zarr
-
-        path = self.path if path is None else path
-        group = zarr.open_group(path, mode="r+", zarr_format=2, use_consolidated=False)
-        for _, array in group.arrays():
-            if list(array.attrs.get("_ARRAY_DIMENSIONS", []))[:1] == ["time"] and array.shape[0] != n_rows:
-                array.resize((n_rows, *array.shape[1:]))
-        zarr.consolidate_metadata(path, zarr_format=2)
-
-
-def _replace_dir(new: Path, path: Path) -> None:
-    """Put the folder `new` at `path` by renames (each atomic), removing what was there."""
-    if path.exists():
-        old = path.with_name(path.name + ".removing")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(new, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, path)
-
-
-class _NetCDFStore:
-    """netCDF cannot be appended by xarray: the whole record so far is rewritten atomically."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write_all(self, ds: xr.Dataset) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        ds.to_netcdf(tmp)
-        os.replace(tmp, self.path)
-
-
 class Recorder:
     """Evaluates the observers at each save point and streams the rows to the output."""
 
@@ -272,12 +112,11 @@ class Recorder:
         theta0: Tensor,
         coords: dict[str, Any],
         attrs: dict[str, Any],
-        out: Path | None = None,
+        store: ZarrStore | NetCDFStore | None = None,
         flush_every: int = 256,
         flush_seconds: float = 10.0,
         members: tuple[str, int] | None = None,
         *,
-        n_rows: int | None = None,
         seed: int = 0,
     ) -> None:
         self.problem, self.laws, self.observe = problem, laws, observe
@@ -287,36 +126,37 @@ class Recorder:
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self.scale = laws.magnitude(theta0.reshape(-1, theta0.shape[-1]).T).T.reshape(*theta0.shape[:-1], -1).cpu().numpy()
         self.pending: list[dict[str, Any]] = []
+        #: rows held in host memory: all of them, or, with a zarr store, those not yet written
         self.columns: dict[str, list[np.ndarray]] = {}
         self.n_saved = 0  # rows moved to host memory
         self.n_written = 0  # rows of those already in the store
         self.last_flush = _time.perf_counter()
         self.seed = seed
         self._sharp_vector: Tensor | None = None
-        self.zarr = self.netcdf = None
-        if out is not None:
-            self.zarr, self.netcdf = (_ZarrStore(out, n_rows), None) if out.suffix == ".zarr" else (None, _NetCDFStore(out))
+        self.store = store
 
     def state(self) -> dict[str, Any]:
         """What the observers carry from one save point to the next (for checkpoints)."""
         return {"sharp_vector": self._sharp_vector}
 
-    def restore(self, rows: xr.Dataset | None, state: dict[str, Any]) -> None:
-        """Continue a run: `rows` (the record's first rows, already in the store) and `state`."""
+    def restore(self, n_saved: int, state: dict[str, Any]) -> None:
+        """Continue a run whose first `n_saved` rows are in the store, with the observers' `state`."""
         self._sharp_vector = state.get("sharp_vector")
-        if rows is None or rows.sizes["time"] == 0:
+        if n_saved == 0:
             return
-        for name, var in rows.variables.items():
-            if "time" in var.dims:
-                self.columns[name] = [var.values]
-        self.n_saved = self.n_written = rows.sizes["time"]
-        if self.zarr is not None:
-            self.zarr.reopen(self.n_saved, self.attrs)
+        if isinstance(self.store, NetCDFStore):  # rewritten whole at each flush: held in memory
+            rows = open_record(self.store.path).isel(time=slice(0, n_saved))
+            for name, var in rows.variables.items():
+                if "time" in var.dims:
+                    self.columns[name] = [var.values]
+        self.n_saved = self.n_written = n_saved
+        if isinstance(self.store, ZarrStore):
+            self.store.reopen(n_saved, self.attrs)
 
     # ------------------------------------------------------------------ rows
     def add(self, point: SavePoint, wall_time: float) -> bool:
         """Observe `point` (θ of shape (P,), or (K, P) for K members); return False (and record
-        nothing) if θ or the loss is not finite."""
+        nothing) if any value of its row is not finite (θ, loss, gradient, law forms, norms)."""
         problem, theta = self.problem, point.theta
         grad, loss = point.grad, point.loss
         each = _each if not hasattr(problem, "members") else lambda fn, *args: fn(*args)  # an Ensemble evaluates (K, P) at once
@@ -324,9 +164,6 @@ class Recorder:
             loss, grad = each(problem.loss_and_grad, theta)
         elif loss is None and "loss" in self.observe:
             loss = each(problem.loss, theta)
-        check = theta.sum() if loss is None else loss.sum() + theta.sum()
-        if not torch.isfinite(check):
-            return False
         vectors = [theta, grad] if point.velocity is None else [theta, grad, point.velocity]
         # every law on every vector (and member) at once, as the rows of one (V·K, P) matrix:
         # (V, …, Q)
@@ -353,13 +190,16 @@ class Recorder:
             row["sharpness"], self._sharp_vector = _each(lambda t, v: sharpness(problem, t, start=v), theta, self._sharp_vector)
         if "params" in self.observe:
             row["params"] = theta.clone()
+        if not _finite(row):
+            return False
         self.pending.append(row)
         if len(self.pending) >= self.flush_every or _time.perf_counter() - self.last_flush > self.flush_seconds:
             self.flush()
         return True
 
     def flush(self) -> None:
-        """Move pending rows to host memory (one device sync) and write them to the store."""
+        """Move pending rows to host memory (one device sync) and write them to the store; a zarr
+        store's rows then leave host memory."""
         if self.pending:
             for key in self.pending[0]:
                 values = [row[key] for row in self.pending]
@@ -370,36 +210,34 @@ class Recorder:
         self.last_flush = _time.perf_counter()
         if self.n_written == self.n_saved:
             return
-        if self.zarr is not None:
-            self.zarr.write(self.dataset(self.n_written, self.n_saved), self.attrs, self.n_written)
-        elif self.netcdf is not None:
-            self.netcdf.write_all(self.dataset())
+        if isinstance(self.store, ZarrStore):
+            self.store.write(self.dataset(), self.n_written)
+            self.columns = {}
+        elif isinstance(self.store, NetCDFStore):
+            self.store.write_all(self.dataset())
         self.n_written = self.n_saved
 
-    def finish(self, status: str, message: str = "") -> xr.Dataset:
+    def finish(self, status: str, message: str = "") -> xr.Dataset | None:
         """Flush, stamp the final status on the store (a zarr store shrunk to its rows) and
-        return the whole record."""
+        return the whole record, or None for a zarr store (read it from there: host memory
+        holds only a window of its rows)."""
         self.attrs.update(status=status, status_message=message)
         self.flush()
+        if isinstance(self.store, ZarrStore):
+            if not self.store.started:  # no row: the schema alone
+                self.store.write(self.dataset(), 0)
+            self.store.close(self.n_saved, self.attrs)
+            return None
         ds = self.dataset()
-        if self.zarr is not None:
-            if self.zarr.started:
-                self.zarr.close(self.n_saved, self.attrs)
-            else:
-                creating = self.zarr.path.with_name(self.zarr.path.name + ".creating")
-                shutil.rmtree(creating, ignore_errors=True)
-                ds.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
-                _replace_dir(creating, self.zarr.path)
-        elif self.netcdf is not None:
-            self.netcdf.write_all(ds)
+        if isinstance(self.store, NetCDFStore):
+            self.store.write_all(ds)
         return ds
 
     # ------------------------------------------------------------------ schema
-    def dataset(self, start: int = 0, stop: int | None = None) -> xr.Dataset:
-        """Rows [start, stop) as a Dataset of the flowsim schema."""
-        stop = self.n_saved if stop is None else stop
-        cols = {k: np.concatenate(v)[start:stop] for k, v in self.columns.items()}
-        n = stop - start
+    def dataset(self) -> xr.Dataset:
+        """The rows held in host memory as a Dataset of the flowsim schema."""
+        cols = {k: np.concatenate(v) for k, v in self.columns.items()}
+        n = len(cols["time"]) if "time" in cols else 0
         lead, shape = ((self.members[0],), (self.members[1],)) if self.members else ((), ())
         q = self.laws.coords()
         coords: dict[str, Any] = {
@@ -444,20 +282,7 @@ def json_attr(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def open_record(path: str | os.PathLike) -> xr.Dataset:
-    """Open a record written by flowsim (zarr or netCDF), loaded into memory. A zarr store of a
-    live or killed run (status "running") gives the rows written in full, those whose ``time``
-    is not NaN; plain ``xr.open_zarr`` shows the unwritten rest as NaN (-1 for step, nfe)."""
-    path = Path(path)
-    if not path.exists():
-        raise RecordError(f"run: {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".zarr":
-            with xr.open_zarr(path) as ds:
-                written = np.isfinite(ds["time"].values)
-                n = len(written) if written.all() else int(np.argmin(written))
-                return ds.isel(time=slice(0, n)).load()
-        with xr.open_dataset(path) as ds:
-            return ds.load()
-    except Exception as exc:
-        raise RecordError(f"run: {str(path)!r} is not a readable flowsim record ({type(exc).__name__}: {exc})") from exc
+def _finite(row: dict[str, Any]) -> bool:
+    """Whether every number of a row is finite (one host synchronisation)."""
+    tensors = [v for v in row.values() if isinstance(v, Tensor) and v.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -22,7 +23,10 @@ from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, Rec
 from .integrators import Integrator, SaveGrid
 from .laws import Law, LawSet, detect
 from .problem import Problem
-from .record import Recorder, check_observe, check_output, json_attr, open_record, remove_output
+from .lock import output_lock
+from .record import Recorder, check_observe, json_attr
+from .store import NetCDFStore, ZarrStore, check_output_path, check_output_state, checkpoint_path, open_record, replace, staging_path
+from .store import remove as remove_store
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -177,7 +181,7 @@ def simulate(
     checkpoint_every = check_number("run.checkpoint_every", checkpoint_every, minimum=0.0)
     if config is not None and not isinstance(config, str):
         raise bad_value("config", type(config).__name__, "the run's TOML text (str) or None")
-    out_path = check_output(out, resume=resume, overwrite=overwrite)
+    out_path = check_output_path(out, resume=resume, overwrite=overwrite)
     grid = save_grid(dynamics, t1, save_every)
     integrator.check(dynamics, dtype)
     dynamics.check(problem)
@@ -186,7 +190,23 @@ def simulate(
     ensemble = check_ensemble(ensemble, dynamics, problem)
     member_seeds = check_member_seeds(member_seeds, ensemble)
 
-    # --- 2. bind the problem to device and dtype; the initial point and its laws; what to resume
+    # --- 2. one writer per output: what is there is checked under its lock, then the run
+    with contextlib.ExitStack() as held:
+        if out_path is not None:
+            held.enter_context(output_lock(out_path))
+            check_output_state(out_path, resume=resume, overwrite=overwrite)
+        return _run(
+            problem, dynamics, integrator, grid, laws, observe, seed, device, dtype, out_path, resume, overwrite,
+            checkpoint_every, progress, config, ensemble, member_seeds, t1, save_every,
+        )
+
+
+def _run(
+    problem, dynamics, integrator, grid, laws, observe, seed, device, dtype, out_path, resume, overwrite,
+    checkpoint_every, progress, config, ensemble, member_seeds, t1, save_every,
+) -> xr.Dataset:
+    """simulate() after its arguments are checked (and, with an output, under its lock)."""
+    # --- 3. bind the problem to device and dtype; the initial point and its laws; what to resume
     problem = problem.to(device=device, dtype=dtype)
     law_set = _law_set(laws, problem)
     theta0 = problem.initial_theta()
@@ -210,24 +230,28 @@ def simulate(
         "status": "running",
         "status_message": "",
         "config": config if config is not None else to_toml(problem, dynamics, integrator, t1, save_every, seed, device, dtype),
+        "fingerprint": json_attr(identity),
     }
     coords = {**dynamics.coords(), "weight_decay": problem.weight_decay, "seed": seed}
-    if overwrite and out_path is not None:
-        remove_output(out_path)
     members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
     if ensemble is not None:
         members = problem.members
         attrs["ensemble"] = members[1]
         if member_seeds is not None:
             coords["seed"] = (members[0], list(member_seeds))
-    recorder = Recorder(
-        problem, law_set, observe, theta0, coords, attrs, out_path, members=members, n_rows=len(grid.times), seed=seed
-    )
-    run = _Checkpointer(out_path, identity, recorder, checkpoint_every, start)
+    _check_memory(out_path, len(grid.times), law_set.size, observe, problem.n_params, members)
+    # overwrite builds the new record beside the old one, swapped in when the run ends
+    target = staging_path(out_path) if overwrite and out_path is not None and out_path.exists() else out_path
+    if target is not None and target != out_path:
+        remove_store(target)  # left by an overwrite that was killed
+    store = None if target is None else ZarrStore(target, len(grid.times)) if out_path.suffix == ".zarr" else NetCDFStore(target)
+    recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, store, members=members, seed=seed)
+    run = _Checkpointer(None if store is None else store.path, identity, recorder, checkpoint_every, start)
     if start is not None:
-        recorder.restore(_saved_rows(out_path, start.n_saved), start.recorder)
+        _check_saved_rows(out_path, start.n_saved)
+        recorder.restore(start.n_saved, start.recorder)
 
-    # --- 3. integrate, recording at every save point and checkpointing now and then
+    # --- 4. integrate, recording at every save point and checkpointing now and then
     from tqdm.auto import tqdm
 
     first = recorder.n_saved
@@ -236,39 +260,78 @@ def simulate(
     resume_from = {} if start is None or start.integrator is None else {"start": start.integrator}
     status, message = "completed", ""
     try:
-        for point in integrator.solve(dynamics, problem, theta0, grid, seed, **resume_from):
-            if not recorder.add(point, run.wall_time()):
-                status = "diverged"
-                message = (
-                    f"non-finite loss or parameters at t={point.time:g} (step {point.step}); "
-                    f"the {recorder.n_saved + len(recorder.pending)} save points before it, up to t={last_time:g}, are kept"
-                )
-                break
-            run.saved(point)
-            bar.update(point.time - last_time)
-            last_time = point.time
-    except IntegrationError as exc:
-        status, message = "diverged", f"{exc} (last saved t={last_time:g})"
+        try:
+            for point in integrator.solve(dynamics, problem, theta0, grid, seed, **resume_from):
+                if not recorder.add(point, run.wall_time()):
+                    status = "diverged"
+                    message = (
+                        f"non-finite loss, parameters or gradient at t={point.time:g} (step {point.step}); "
+                        f"the {recorder.n_saved + len(recorder.pending)} save points before it, up to t={last_time:g}, are kept"
+                    )
+                    break
+                run.saved(point)
+                bar.update(point.time - last_time)
+                last_time = point.time
+        except IntegrationError as exc:
+            status, message = "diverged", f"{exc} (last saved t={last_time:g})"
+        # --- 5. the record
+        ds = recorder.finish(status, message)
     except KeyboardInterrupt:
         run.write()
         recorder.finish("interrupted", f"stopped by the user after t={last_time:g}; resume=True continues it")
+        _put_in_place(store, out_path, keep_checkpoint=True)
         raise
     except Exception as exc:
-        try:  # keep what was saved, and say why it stopped
+        with contextlib.suppress(Exception):  # keep what was saved, and say why it stopped
             run.write()
             recorder.finish("failed", f"{type(exc).__name__} after t={last_time:g}: {exc}")
-        except Exception:
-            pass
+        staged = store is not None and store.path != out_path
+        if staged:  # the old record stays as it was
+            with contextlib.suppress(OSError):
+                remove_store(store.path)
+        if isinstance(exc, OSError) and out_path is not None:
+            kept = "the record before this run is kept" if staged else "what was saved is kept"
+            raise RecordError(f"run.out: writing {str(out_path)!r} failed after t={last_time:g} ({exc}); {kept}") from exc
         raise
     finally:
         bar.close()
-
-    # --- 4. the record
     if status != "completed":
-        warnings.warn(f"run {status}: {message}", RuntimeWarning, stacklevel=2)
-    ds = recorder.finish(status, message)
+        warnings.warn(f"run {status}: {message}", RuntimeWarning, stacklevel=3)
     run.remove()
-    return ds
+    _put_in_place(store, out_path, keep_checkpoint=False)
+    return ds if ds is not None else open_record(out_path, load=None)
+
+
+def _put_in_place(store: ZarrStore | NetCDFStore | None, out: Path | None, keep_checkpoint: bool) -> None:
+    """Swap a record built beside `out` (overwrite) into place, with its checkpoint if the run can
+    go on, else removing the old record's."""
+    if store is None or store.path == out:
+        return
+    replace(store.path, out)
+    if keep_checkpoint:
+        os.replace(checkpoint_path(store.path), checkpoint_path(out))
+    else:
+        checkpoint_path(out).unlink(missing_ok=True)
+
+
+def _check_memory(out: Path | None, n_rows: int, n_laws: int, observe: tuple[str, ...], n_params: int, members) -> None:
+    """Refuse, before any work, a record held in host memory (no output, or netCDF) that would
+    take more than half of it; a zarr store holds a window of rows only."""
+    if out is not None and out.suffix == ".zarr":
+        return
+    per_member = 3 * n_laws + 3 + (n_params if "params" in observe else 0)
+    row_bytes = 8 * (per_member * (members[1] if members else 1) + 4)
+    needed = n_rows * row_bytes
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > memory / 2:
+        raise ConfigError(
+            f"run.out: the record would hold {needed / 2**30:.3g} GiB in host memory ({n_rows} save points of {row_bytes} bytes), "
+            f"more than half of the {memory / 2**30:.3g} GiB there is; expected a .zarr output, which streams rows to disk, "
+            "or fewer save points"
+        )
 
 
 class _Checkpointer:
@@ -310,17 +373,16 @@ class _Checkpointer:
             self.path.unlink(missing_ok=True)
 
 
-def _saved_rows(out: Path, n_saved: int) -> xr.Dataset | None:
-    """The first `n_saved` rows of the record at `out`, which a checkpoint continues after."""
+def _check_saved_rows(out: Path, n_saved: int) -> None:
+    """The record at `out` holds the `n_saved` rows its checkpoint continues after."""
     if n_saved == 0:
-        return None
-    rows = open_record(out)
-    if rows.sizes["time"] < n_saved:
+        return
+    held = open_record(out, load=False).sizes["time"]
+    if held < n_saved:
         raise RecordError(
-            f"run.resume: {str(out)!r} holds {rows.sizes['time']} rows, fewer than the {n_saved} its checkpoint "
+            f"run.resume: {str(out)!r} holds {held} rows, fewer than the {n_saved} its checkpoint "
             "continues after; pass overwrite=True to start again"
         )
-    return rows.isel(time=slice(0, n_saved))
 
 
 __all__ = ["simulate", "save_grid", "FlowsimError"]

@@ -41,12 +41,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .checkpoint import checkpoint_path
 from .config import PROBLEM_KEYS, RUN_KEYS, dumps, load_config
 from .ensemble import ENSEMBLE_DYNAMICS
 from .errors import ConfigError, FlowsimError
-from .record import _replace_dir
 from .simulate import save_grid
+from .store import checkpoint_path, replace
 
 #: statuses of a finished run: its point is not run again
 FINISHED = ("completed", "diverged")
@@ -141,7 +140,7 @@ def run_members(texts: Sequence[str], outs: Sequence[str | None]) -> list[tuple[
             checkpoint_path(store).unlink(missing_ok=True)
             creating = store.with_name(store.name + ".creating")
             record.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
-            _replace_dir(creating, store)
+            replace(creating, store)
         outcomes.append((record.attrs["status"], record.attrs["status_message"], None if out is not None else record))
     return outcomes
 

@@ -87,17 +87,27 @@ def test_netcdf_round_trip(tmp_path):
 
 
 def test_zarr_is_appended_as_the_run_goes(tmp_path, monkeypatch):
-    """With a flush every 3 save points, the store's written rows grow during the run."""
-    from flowsim import record
+    """With a flush every 3 save points, the store's written rows grow during the run; its
+    arrays grow with them (doubling, within the save grid), so plain xarray reads at most twice
+    the rows written, and host memory holds only the rows not yet written."""
+    from flowsim import record, store
 
-    sizes = []
-    original = record._ZarrStore.write
+    sizes, allocated, held = [], [], []
+    original = store.ZarrStore.write
 
     def spy(self, *args):
         original(self, *args)
         sizes.append(fs.open_record(self.path).sizes["time"])  # the rows written so far
+        allocated.append(xr.open_zarr(self.path).sizes["time"])
 
-    monkeypatch.setattr(record._ZarrStore, "write", spy)
+    original_flush = record.Recorder.flush
+
+    def flush_spy(self):
+        original_flush(self)
+        held.append(sum(len(c) for column in self.columns.values() for c in column))
+
+    monkeypatch.setattr(store.ZarrStore, "write", spy)
+    monkeypatch.setattr(record.Recorder, "flush", flush_spy)
     original_init = record.Recorder.__init__
 
     def flush_every_three(self, *args, **kwargs):
@@ -108,6 +118,8 @@ def test_zarr_is_appended_as_the_run_goes(tmp_path, monkeypatch):
     out = tmp_path / "stream.zarr"
     ds = fs.simulate(build_problem("mlp", n=32), fs.DiscreteSGD(lr=0.1), t1=1.0, save_every=0.1, out=out, progress=False)
     assert sizes == [3, 6, 9, 11]
+    assert allocated == [3, 6, 11, 11]  # 3, doubled to 6, doubled to 12 but the grid has 11
+    assert max(held) == 0  # every flush moved its rows to the store
     xr.testing.assert_identical(xr.open_zarr(out).load(), ds)
 
 

@@ -109,8 +109,8 @@ def test_output_and_resume_combinations_through_the_cli(tmp_path, capsys):
     assert main(["run", str(config), "--out", str(tmp_path / "new.zarr"), "--resume"]) == 2
     assert "does not exist; expected a run to continue" in capsys.readouterr().err
     checkpoint_path(out).unlink()
-    assert main(["run", str(config), "--out", str(out), "--resume"]) == 2  # a record without a checkpoint
-    assert "has no checkpoint" in capsys.readouterr().err and (out / "mine").exists()
+    assert main(["run", str(config), "--out", str(out), "--resume"]) == 2  # a folder flowsim did not write
+    assert "is not a flowsim record" in capsys.readouterr().err and (out / "mine").exists()
 
 
 def test_bad_run_arguments_through_the_api(tmp_path):
