@@ -1,6 +1,6 @@
 """Attention, transformer and residual networks: the laws detected on the zoo and on a user's
 own modules, their gradient-orthogonality, their conservation under gradient flow, and the
-count of every law (flowsim.lie) that shows the detected ones complete."""
+count of every law (flowsim.laws.counting) that shows the detected ones complete."""
 
 import warnings
 

@@ -15,7 +15,7 @@ A "gram" term of r units has the r(r+1)/2 components of the symmetric matrix X X
 (r, k) matrix of the units' entries, in row-major upper-triangular order (0,0), (0,1), …,
 (0,r−1), (1,1), …. Its diagonal is the "sq" form of the same units, so the rescale law of a
 pair with no activation between is the diagonal of its linear law (both are reported: see
-flowsim.symmetry).
+flowsim.laws.detection).
 
 A set of laws compiles to three sparse matrices (``LawSet``):
 
@@ -30,10 +30,8 @@ sign made positive and every monomial replaced by its absolute value, |A| |θ| +
 |C| |θ[I] θ[J]|, is the law's *magnitude*, the scale its drift is measured against (for an
 off-diagonal component (a, b) this is Σ_k |X_ak X_bk| ≤ |X_a| |X_b|, the Cauchy–Schwarz bound).
 
-``detect(model)`` finds the laws of a network (flowsim.symmetry); ``gradient_check`` verifies
-that a law's gradient is orthogonal to the loss gradient, the defining property
-⟨∇Q(θ), ∇L(θ)⟩ = 0 that makes dQ/dt = 0 under gradient flow; ``count(model, inputs)``
-(flowsim.lie) finds how many independent laws there are, to show the detected ones complete.
+``gradient_check`` verifies that a law's gradient is orthogonal to the loss gradient, the
+defining property ⟨∇Q(θ), ∇L(θ)⟩ = 0 that makes dQ/dt = 0 under gradient flow.
 """
 
 from __future__ import annotations
@@ -359,24 +357,6 @@ def _cross(parts: tuple[list[Tensor], list[Tensor], list[Tensor]], size: int, n_
     low, high = pairs.min(0).values, pairs.max(0).values
     unique, column = torch.unique(low * n_params + high, return_inverse=True)
     return _coo([torch.cat(rows)], [column], [torch.cat(signs)], (size, len(unique))), torch.stack([unique // n_params, unique % n_params])
-
-
-def detect(model: torch.nn.Module, loss: str = "cross_entropy", inputs: Tensor | None = None) -> list[Law]:
-    """The conservation laws of `model`'s symmetries under the given loss (see flowsim.symmetry).
-
-    `inputs` (a few examples, batch first) give every tensor's shape to the graph walk; without
-    them flowsim probes the model with small inputs guessed from its first layer."""
-    from .symmetry import detect_laws
-
-    return detect_laws(model, loss=loss, inputs=inputs)
-
-
-def count(model: torch.nn.Module, inputs: Tensor, loss: str = "cross_entropy", **options):
-    """How many independent conservation laws `model` has, and whether the detected ones are
-    all of them: a ``LawCount`` (see flowsim.lie)."""
-    from .lie import count_laws
-
-    return count_laws(model, inputs, loss=loss, **options)
 
 
 def gradient_check(laws: Sequence[Law], problem, theta: Tensor | None = None) -> Tensor:

@@ -64,8 +64,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _NormBase
 
-from .errors import ModelError
-from .laws import Law, Term, gram_labels
+from ..errors import ModelError
+from .law import Law, Term, gram_labels
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -844,8 +844,11 @@ def _warn_unanalysed(graph: _Graph) -> None:
         )
 
 
-def detect_laws(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None = None) -> list[Law]:
-    """Every law flowsim can prove for `model` under `loss`, in graph order."""
+def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None = None) -> list[Law]:
+    """Every law flowsim can prove for `model`'s symmetries under `loss`, in graph order.
+
+    `inputs` (a few examples, batch first) give every tensor's shape to the graph walk; without
+    them flowsim probes the model with small inputs guessed from its first layer."""
     graph = _Graph(model, inputs)
     _warn_unanalysed(graph)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -882,4 +885,4 @@ def detect_laws(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | 
     return [law for law in laws if set(law.parameters) <= trainable]
 
 
-__all__ = ["detect_laws"]
+__all__ = ["detect"]

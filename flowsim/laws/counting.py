@@ -58,9 +58,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
-from .errors import ModelError, bad_value, check_number
-from .laws import Law, LawSet, detect
-from .problem import LOSSES, _flat_network
+from ..errors import ModelError, bad_value, check_number
+from ..problem import LOSSES, _flat_network
+from .detection import detect
+from .law import Law, LawSet
 
 #: the most float64 numbers one dense matrix of the count may hold (160 MB)
 MEMORY = 20_000_000
@@ -185,7 +186,7 @@ def _directions(shape: torch.Size, n: int, loss: str, generator: torch.Generator
     return w - w.mean(-1, keepdim=True) if loss == "cross_entropy" else w
 
 
-def count_laws(
+def count(
     model: nn.Module,
     inputs: Tensor,
     loss: str = "cross_entropy",
@@ -338,4 +339,4 @@ def _nested(field: Callable[[Tensor, Tensor, Tensor], Tensor], level: int) -> Ca
     return bracket
 
 
-__all__ = ["LawCount", "count_laws"]
+__all__ = ["LawCount", "count"]
