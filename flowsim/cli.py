@@ -92,6 +92,7 @@ def _sweep(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         ensemble_seeds=args.ensemble_seeds,
+        scheduler_timeout=args.scheduler_timeout,
     )
     statuses = [str(s) for s in ds.status.values.ravel()]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
@@ -175,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("config")
     sweep.add_argument("--over", action="append", required=True, metavar="NAME=VALUES", help="lr=0.05,0.1 or seed=0:8 (repeatable)")
     sweep.add_argument("--scheduler", help="address of a running dask scheduler (default: a LocalCluster)")
+    sweep.add_argument(
+        "--scheduler-timeout", type=float, default=10.0, metavar="SECONDS", help="how long the scheduler has to answer (default 10)"
+    )
     sweep.add_argument("--workers", type=int, default=2, help="worker processes of the LocalCluster (default 2)")
     sweep.add_argument("--out", help="folder of the runs' zarr stores (default: CONFIG_sweep/ beside the config)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")

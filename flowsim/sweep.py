@@ -8,7 +8,11 @@ Each point runs as one task on a dask cluster (a LocalCluster of processes by de
 scheduler at an address) and writes its own zarr store ``<out>/<name>=<value>,….zarr``. A run
 that diverges or fails is recorded by its status (``completed``, ``diverged``, ``failed``) and
 the sweep goes on. A point whose store holds a finished run (completed or diverged) of the same
-config is not run again, so calling a sweep again resumes it.
+config is not run again, so calling a sweep again resumes it. One sweep at a time writes to a
+folder: it holds the lock ``<out>.lock`` (`flowsim.lock`) from its first write to its return.
+The LocalCluster's worker processes die with the sweep's process, even when it is killed
+(SIGKILL): on Linux the kernel kills them (``PR_SET_PDEATHSIG``, set by a worker preload); a
+worker still starting goes when its start ends (distributed's watch of its parent).
 
 With ``ensemble_seeds=True`` the points that differ only by ``[run] seed`` run as one task,
 one ``simulate(ensemble=K, member_seeds=…)`` whose member k starts from the θ0 of seed s_k and
@@ -27,6 +31,7 @@ variables.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -43,7 +48,8 @@ import xarray as xr
 
 from .config import PROBLEM_KEYS, RUN_KEYS, dumps, load_config
 from .ensemble import ENSEMBLE_DYNAMICS
-from .errors import ConfigError, FlowsimError
+from .errors import ConfigError, FlowsimError, check_number
+from .lock import output_lock
 from .simulate import save_grid
 from .store import checkpoint_path, replace
 
@@ -166,20 +172,72 @@ def _finished(store: Path, text: str) -> bool:
         return False
 
 
-def _client(client: Any, workers: int):
+def _worker_preload() -> str:
+    """A dask preload (Python text) for the LocalCluster's workers: each asks the kernel to
+    SIGKILL it when its parent, this process (the nannies live here), dies (Linux prctl
+    PR_SET_PDEATHSIG). distributed's own watch, a thread of the worker reading a pipe from the
+    parent, acts only when the worker's interpreter lets it run; the kernel needs nothing."""
+    return f"""
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux") and os.getppid() == {os.getpid()}:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != {os.getpid()}:  # the sweep died before the prctl
+        os._exit(1)
+"""
+
+
+def _local_cluster(workers: int):
+    """A LocalCluster of `workers` processes, one thread each, that die with this process."""
+    import dask
+    from distributed import LocalCluster
+
+    preload = [*dask.config.get("distributed.worker.preload"), _worker_preload()]
+    argv = dask.config.get("distributed.worker.preload-argv")
+    if argv and not isinstance(argv[0], str):  # one list of arguments per preload
+        argv = [*argv, []]
+    return LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", preload=preload, preload_argv=argv
+    )
+
+
+def _reach(address: str, timeout: float) -> None:
+    """Raise ConfigError unless a dask scheduler at `address` completes the handshake within
+    `timeout` seconds (distributed's Client waits for that handshake without a limit)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect
+
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=timeout), timeout)
+        await comm.close()
+
+    with ThreadPoolExecutor(1) as pool:  # a loop of its own, also when the caller runs one
+        try:
+            pool.submit(asyncio.run, handshake()).result()
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            detail = "" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) else f" ({exc})"
+            raise ConfigError(
+                f"sweep.scheduler: got {address!r}; expected a dask scheduler that answers within {timeout:g} s{detail}"
+            ) from exc
+
+
+def _client(client: Any, workers: int, timeout: float):
     """(client, [what to close after the sweep]): an existing Client (closed by its owner), a
-    scheduler address, or a new LocalCluster of `workers` processes with one thread each."""
-    from distributed import Client, LocalCluster
+    scheduler address (reached within `timeout` seconds), or a new LocalCluster of `workers`
+    processes with one thread each."""
+    from distributed import Client
 
     if client is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        cluster = _local_cluster(workers)
         own = Client(cluster)
         return own, [own, cluster]
     if isinstance(client, str):
+        _reach(client, timeout)
         try:
-            own = Client(client, timeout="60s")
+            own = Client(client, timeout=timeout)
         except OSError as exc:
-            raise ConfigError(f"sweep.scheduler: cannot reach {client!r} ({exc})") from exc
+            raise ConfigError(f"sweep.scheduler: got {client!r}; expected a dask scheduler that answers ({exc})") from exc
         return own, [own]
     if not isinstance(client, Client):
         raise ConfigError(f"sweep.client: got {type(client).__name__}; expected a distributed.Client, an address or None")
@@ -204,6 +262,7 @@ def sweep(
     workers: int = 2,
     progress: bool = True,
     ensemble_seeds: bool = False,
+    scheduler_timeout: float = 10.0,
 ) -> xr.Dataset:
     """Run `config` at every point of the grid `over` on dask.distributed and gather the records.
 
@@ -218,7 +277,9 @@ def sweep(
     **Other arguments**
 
     - `client`: a ``distributed.Client``, a scheduler address (``"tcp://host:8786"``), or None
-      for a LocalCluster of `workers` processes, one thread each (closed at the end).
+      for a LocalCluster of `workers` processes, one thread each (closed at the end; they die
+      with this process).
+    - `scheduler_timeout`: seconds a scheduler at an address has to answer.
     - `progress`: a tqdm bar counting finished runs.
     - `ensemble_seeds`: run the points that differ only by ``seed`` (``[run] seed``) as one
       ensemble task (module docstring); the result is the same Dataset.
@@ -228,13 +289,15 @@ def sweep(
     with `ensemble_seeds` also ``ensembles_executed`` (groups that completed as one ensemble)
     and ``ensembles_rerun`` (groups run again point by point).
 
-    **Raises** ConfigError before any work if the grid or any point's config is invalid.
+    **Raises** ConfigError before any work if the grid or any point's config is invalid, or if
+    the scheduler at `client` does not answer; RecordError if another process holds `out`.
     """
     tables = _config_tables(config)
     grid = _check_over(over)
     workers = int(workers)
     if workers < 1:
         raise ConfigError(f"sweep.workers: got {workers}; expected at least 1")
+    scheduler_timeout = check_number("sweep.scheduler_timeout", scheduler_timeout, minimum=0, exclusive_minimum=True)
     folder = None
     if out is not None:
         folder = Path(out)
@@ -271,66 +334,68 @@ def sweep(
             raise ConfigError(f"sweep.ensemble_seeds: {checked.dynamics.name} cannot run as an ensemble; expected one of {names}")
         points.append(point)
         texts.append(text)
-    if folder is not None:
-        folder.mkdir(exist_ok=True)
-    stores = [None if folder is None else folder / f"{_point_name(p)}.zarr" for p in points]
-    todo = [i for i, store in enumerate(stores) if store is None or not _finished(store, texts[i])]
-    tasks: dict[tuple, list[int]] = {}  # the points of each task: one, or a group of seeds
-    for i in todo:
-        key = (i,) if not ensemble_seeds else tuple(v for name, v in points[i].items() if name != seed_name)
-        tasks.setdefault(key, []).append(i)
+    # the folder is this sweep's alone from its first write to its return
+    with output_lock(folder, "sweep.out") if folder is not None else contextlib.nullcontext():
+        if folder is not None:
+            folder.mkdir(exist_ok=True)
+        stores = [None if folder is None else folder / f"{_point_name(p)}.zarr" for p in points]
+        todo = [i for i, store in enumerate(stores) if store is None or not _finished(store, texts[i])]
+        tasks: dict[tuple, list[int]] = {}  # the points of each task: one, or a group of seeds
+        for i in todo:
+            key = (i,) if not ensemble_seeds else tuple(v for name, v in points[i].items() if name != seed_name)
+            tasks.setdefault(key, []).append(i)
 
-    # --- 2. run what is left on the cluster
-    outcomes: dict[int, tuple[str, str, xr.Dataset | None]] = {}
-    ensembles = {"ensembles_executed": 0, "ensembles_rerun": 0}
-    if todo:
-        from distributed import as_completed
-        from tqdm.auto import tqdm
+        # --- 2. run what is left on the cluster
+        outcomes: dict[int, tuple[str, str, xr.Dataset | None]] = {}
+        ensembles = {"ensembles_executed": 0, "ensembles_rerun": 0}
+        if todo:
+            from distributed import as_completed
+            from tqdm.auto import tqdm
 
-        dask_client, to_close = _client(client, workers)
-        outs = [None if store is None else str(store) for store in stores]
+            dask_client, to_close = _client(client, workers, scheduler_timeout)
+            outs = [None if store is None else str(store) for store in stores]
 
-        def submit(indices: list[int]):
-            if len(indices) == 1:
-                return dask_client.submit(run_point, texts[indices[0]], outs[indices[0]], pure=False)
-            return dask_client.submit(run_members, [texts[i] for i in indices], [outs[i] for i in indices], pure=False)
+            def submit(indices: list[int]):
+                if len(indices) == 1:
+                    return dask_client.submit(run_point, texts[indices[0]], outs[indices[0]], pure=False)
+                return dask_client.submit(run_members, [texts[i] for i in indices], [outs[i] for i in indices], pure=False)
 
-        try:
-            futures = {submit(indices): indices for indices in tasks.values()}
-            running = as_completed(futures)
-            with tqdm(total=len(todo), unit="run", desc="sweep", disable=not progress) as bar:
-                for future in running:
-                    indices, result = futures[future], future.result()
-                    if len(indices) > 1 and result is None:  # the ensemble did not complete: its points one by one
-                        ensembles["ensembles_rerun"] += 1
-                        for i in indices:
-                            retry = submit([i])
-                            futures[retry] = [i]
-                            running.add(retry)
-                        continue
-                    ensembles["ensembles_executed"] += len(indices) > 1
-                    outcomes.update(zip(indices, [result] if len(indices) == 1 else result))
-                    bar.update(len(indices))
-        finally:
-            for owned in to_close:
-                owned.close()
+            try:
+                futures = {submit(indices): indices for indices in tasks.values()}
+                running = as_completed(futures)
+                with tqdm(total=len(todo), unit="run", desc="sweep", disable=not progress) as bar:
+                    for future in running:
+                        indices, result = futures[future], future.result()
+                        if len(indices) > 1 and result is None:  # the ensemble did not complete: its points one by one
+                            ensembles["ensembles_rerun"] += 1
+                            for i in indices:
+                                retry = submit([i])
+                                futures[retry] = [i]
+                                running.add(retry)
+                            continue
+                        ensembles["ensembles_executed"] += len(indices) > 1
+                        outcomes.update(zip(indices, [result] if len(indices) == 1 else result))
+                        bar.update(len(indices))
+            finally:
+                for owned in to_close:
+                    owned.close()
 
-    # --- 3. one Dataset
-    parts = []
-    for i, (point, store) in enumerate(zip(points, stores)):
-        status, message, record = outcomes.get(i, (None, "", None))
-        if record is None and store is not None and store.exists() and status != "failed":
-            record = xr.open_zarr(store).load()
-            status, message = record.attrs["status"], record.attrs["status_message"]
-        parts.append(_point_record(record if record is not None else xr.Dataset(), point, status, message))
-    ds = xr.merge(parts, join="outer", compat="no_conflicts", combine_attrs="drop_conflicts")
-    ds = ds.transpose(*grid, ...)
-    for name in ("status", "status_message"):
-        ds[name] = ds[name].astype(str)
-    ds.attrs.update(sweep=json.dumps({name: list(v) for name, v in grid.items()}), runs_executed=len(todo))
-    if ensemble_seeds:
-        ds.attrs.update(ensembles)
-    return ds
+        # --- 3. one Dataset
+        parts = []
+        for i, (point, store) in enumerate(zip(points, stores)):
+            status, message, record = outcomes.get(i, (None, "", None))
+            if record is None and store is not None and store.exists() and status != "failed":
+                record = xr.open_zarr(store).load()
+                status, message = record.attrs["status"], record.attrs["status_message"]
+            parts.append(_point_record(record if record is not None else xr.Dataset(), point, status, message))
+        ds = xr.merge(parts, join="outer", compat="no_conflicts", combine_attrs="drop_conflicts")
+        ds = ds.transpose(*grid, ...)
+        for name in ("status", "status_message"):
+            ds[name] = ds[name].astype(str)
+        ds.attrs.update(sweep=json.dumps({name: list(v) for name, v in grid.items()}), runs_executed=len(todo))
+        if ensemble_seeds:
+            ds.attrs.update(ensembles)
+        return ds
 
 
 def parse_over(items: Sequence[str]) -> dict[str, list[Any]]:

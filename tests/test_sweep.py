@@ -186,7 +186,7 @@ def test_sweep_one_point_diverges(tmp_path, client, ensemble_seeds):
     ds = sweep(ONE_DIVERGES, over=over, client=client, out=tmp_path / "sweep", progress=False, ensemble_seeds=ensemble_seeds)
     status = {(lr, seed): str(ds.status.sel(lr=lr, seed=seed).values) for lr in over["lr"] for seed in over["seed"]}
     assert status == {(0.25, 1): "completed", (0.25, 39): "completed", (1.5, 1): "completed", (1.5, 39): "diverged"}
-    assert "non-finite loss or parameters" in str(ds.status_message.sel(lr=1.5, seed=39).values)
+    assert "non-finite loss, parameters or gradient" in str(ds.status_message.sel(lr=1.5, seed=39).values)
     if ensemble_seeds:
         assert ds.attrs["ensembles_executed"] == 1 and ds.attrs["ensembles_rerun"] == 1
     for (lr, seed), expected in status.items():
