@@ -141,12 +141,13 @@ def run_members(texts: Sequence[str], outs: Sequence[str | None]) -> list[tuple[
     outcomes = []
     for k, (text, out) in enumerate(zip(texts, outs)):
         record = _member_record(ds, k, text)
-        if out is not None:  # as simulate(overwrite=True) would: a stale record and its checkpoint go
+        if out is not None:  # as simulate(overwrite=True) would: built beside, swapped in, its checkpoint gone
             store = Path(out)
-            checkpoint_path(store).unlink(missing_ok=True)
-            creating = store.with_name(store.name + ".creating")
-            record.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
-            replace(creating, store)
+            with output_lock(store):
+                creating = store.with_name(store.name + ".creating")
+                record.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
+                replace(creating, store)
+                checkpoint_path(store).unlink(missing_ok=True)
         outcomes.append((record.attrs["status"], record.attrs["status_message"], None if out is not None else record))
     return outcomes
 
