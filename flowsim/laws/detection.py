@@ -42,11 +42,25 @@ their skips. The walk ends where the units are absorbed:
 query, key and value thirds and each third into heads, which gives the same laws as the same
 attention written out with matmul and softmax.
 
-**What flowsim refuses.** A model torch.fx cannot trace (data-dependent Python control flow)
-or one that calls a custom ``autograd.Function`` (its backward is invisible to the graph) is a
-ModelError naming the part. A module used twice, or whose parameters are read outside its own
-call, makes no law; a leaf module flowsim does not understand makes none through it. Both are
-reported by a warning: the laws returned are then the ones found so far, never a wrong one.
+**What flowsim refuses.** The graph is traced in training mode, as ``Problem`` runs the model
+(every module's mode is restored afterwards), so a ``self.training`` branch is seen as the flow
+runs it. A ModelError names the part where the graph cannot be trusted at all: a model
+torch.fx cannot trace (data-dependent Python control flow), a custom ``autograd.Function``
+(its backward is invisible to the graph), a forward hook, forward pre-hook or forward set on
+the instance of the model itself (torch.fx traces its class's forward), a backward hook on any
+module and a global module hook (they change the gradient, or every module's output, out of
+the graph's sight). A container's
+hooks and instance forward are traced with it. A warning names the rest, and the laws
+returned are the ones found elsewhere, never a wrong one:
+
+- a leaf module with a forward hook, pre-hook or instance forward (on it or inside it) or a
+  parametrized weight, and an Embedding with ``padding_idx`` or ``scale_grad_by_freq``
+  (autograd's gradient of its weight is not ∇L): no law involves it or passes through it;
+- a Parameter used more than once (two calls of one module, two modules holding it as
+  ``b.weight = a.weight`` does, a module and a direct read such as
+  ``F.linear(x, attn.out_proj.weight)``): a law follows one use, so none involves it. A module
+  without parameters (one ReLU for every layer) may be used any number of times;
+- a parametrised leaf flowsim does not understand: no law through it.
 """
 
 from __future__ import annotations
@@ -62,7 +76,9 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.utils import parametrize
 
 from ..errors import ModelError
 from .law import Law, Term, gram_labels
@@ -145,6 +161,82 @@ def _refuse_custom_functions() -> Iterator[None]:
         yield
     finally:
         torch.autograd.Function.apply = original
+
+
+@contextlib.contextmanager
+def _training(model: nn.Module) -> Iterator[None]:
+    """The model in training mode, as Problem evaluates it (a ``self.training`` branch is traced
+    as the flow runs it); every module's own mode is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _unseen(module: nn.Module) -> str | None:
+    """What a call of `module` does that torch.fx records neither for a leaf module nor for the
+    traced model itself (a container's hooks and forward are traced): None if nothing."""
+    if module._forward_hooks:
+        return "has a forward hook"
+    if module._forward_pre_hooks:
+        return "has a forward pre-hook"
+    if "forward" in vars(module):
+        return "has its forward replaced on the instance"
+    return None
+
+
+def _excluded(module: nn.Module) -> str | None:
+    """Why no law may involve leaf `module` or pass through it (None if nothing): its call does
+    something the graph does not show (a hook or an instance forward on it or inside it, a
+    parametrized weight), or autograd's gradient of its weight is not ∇L (an Embedding with
+    padding_idx or scale_grad_by_freq)."""
+    for name, part in module.named_modules():
+        prefix = f"{name} " if name else ""
+        what = _unseen(part)
+        if what is not None:
+            return f"{prefix}{what}, which torch.fx does not see"
+        if parametrize.is_parametrized(part):
+            return f"{prefix}is parametrized: its weights are computed from other parameters"
+    not_the_loss = "so the flow is not the loss's gradient flow"
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        return f"padding_idx={module.padding_idx}: autograd zeroes that row's gradient, {not_the_loss}"
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        return f"scale_grad_by_freq: autograd divides each row's gradient by its token count, {not_the_loss}"
+    return None
+
+
+def _refuse_unseen(model: nn.Module) -> None:
+    """ModelError for what changes the function or the gradient flowsim integrates out of the
+    graph's sight everywhere: global module hooks, a backward hook on any module, and a forward
+    hook, pre-hook or instance forward on the model itself (torch.fx traces its class's forward)."""
+    for kind, hooks in (
+        ("forward ", module_hooks._global_forward_hooks),
+        ("forward pre-", module_hooks._global_forward_pre_hooks),
+        ("backward ", module_hooks._global_backward_hooks),
+        ("backward pre-", module_hooks._global_backward_pre_hooks),
+    ):
+        if hooks:
+            raise ModelError(
+                f"model: a global {kind}hook is registered for every module "
+                "(torch.nn.modules.module.register_module_*); torch.fx does not see it, so no law can be trusted "
+                "(remove it to find laws)"
+            )
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            raise ModelError(
+                f"model: {name or 'the model itself'} ({type(module).__name__}) has a backward hook; it changes the "
+                "gradient flowsim integrates, which is then not the gradient of the traced loss, so no law can be "
+                "trusted (remove it to find laws)"
+            )
+    what = _unseen(model)
+    if what is not None:
+        raise ModelError(
+            f"model: {what} on the model itself ({type(model).__name__}); torch.fx traces the class's forward and does not "
+            "see it, so no law can be trusted (move it to a submodule, whose laws are then dropped, or remove it)"
+        )
 
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -366,10 +458,13 @@ def _refine(blocks: Tensor, slices: Tensor) -> Tensor:
 
 class _Graph:
     def __init__(self, model: nn.Module, inputs: Tensor | None) -> None:
-        self.gm = _trace(model)
-        self.modules = dict(self.gm.named_modules())
-        self.shape_of = _shapes(self.gm, inputs)
-        self.shared = self._shared_modules()
+        _refuse_unseen(model)
+        with _training(model):
+            self.gm = _trace(model)
+            self.modules = dict(self.gm.named_modules())
+            self.shape_of = _shapes(self.gm, inputs)
+        self.excluded = self._excluded_modules()
+        self.exposed = self._exposed_parameters(model)
 
     # ------------------------------------------------------------------ graph facts
     def module(self, node: torch.fx.Node) -> nn.Module | None:
@@ -381,17 +476,33 @@ class _Graph:
             raise _Stop(f"no tensor shape for {node.name}")
         return shape
 
-    def _shared_modules(self) -> set[str]:
-        """Modules called more than once, or whose parameters the graph reads directly: a law
-        about one call would ignore the others, so none is made for them."""
-        calls: dict[str, int] = {}
-        owners = set()
+    def _excluded_modules(self) -> dict[str, str]:
+        """Leaf modules that no law may involve or pass through, name → why (``_excluded``)."""
+        targets = dict.fromkeys(node.target for node in self.gm.graph.nodes if node.op == "call_module")
+        return {target: why for target in targets if (why := _excluded(self.modules[target])) is not None}
+
+    def _exposed_parameters(self, model: nn.Module) -> dict[str, str]:
+        """Trainable parameters used more than once in the graph: by two calls of one module, by
+        two modules holding the same Parameter (``b.weight = a.weight``), or by a module and a
+        direct read. A law follows one use, so none involves them. Each of their names → its users."""
+        uses: dict[int, list[str]] = {}
         for node in self.gm.graph.nodes:
             if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
+                for p in self.modules[node.target].parameters():
+                    uses.setdefault(id(p), []).append(node.target)
             elif node.op == "get_attr":
-                owners.add(node.target.rpartition(".")[0])
-        return {name for name, n in calls.items() if n > 1 or name in owners}
+                value = operator.attrgetter(node.target)(self.gm)
+                if isinstance(value, nn.Parameter):
+                    uses.setdefault(id(value), []).append("forward (directly)")
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                names.setdefault(id(p), []).append(name)
+        exposed = {}
+        for key, users in uses.items():
+            if len(users) > 1 and key in names:
+                exposed.update(dict.fromkeys(names[key], " and ".join(users)))
+        return exposed
 
     def value_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         def metadata(user: torch.fx.Node) -> bool:
@@ -452,8 +563,8 @@ class _Graph:
         raise _Stop(f"{user.name} ({target}) does not commute with the symmetry")
 
     def follow_module(self, node, user, module: nn.Module, flow: _Flow, positions: list) -> list:
-        if user.target in self.shared:
-            raise _Stop(f"{user.target} is shared")
+        if user.target in self.excluded:
+            raise _Stop(f"{user.target}: {self.excluded[user.target]}")
         if isinstance(module, nn.MultiheadAttention):
             return [self.attention_input(user, module, flow, positions)]
         if positions != [0] or len(user.args) != 1 or user.kwargs:
@@ -797,11 +908,11 @@ def _law_from_ends(source: _Source, ends: list, loss: str, graph: _Graph) -> lis
 def _sources(graph: _Graph) -> Iterator[_Source]:
     for node in graph.gm.graph.nodes:
         module = graph.module(node)
-        if module is None or node.target in graph.shared:
+        if module is None or node.target in graph.excluded:
             # the first output of an nn.MultiheadAttention is a source too
             if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
                 parent = graph.module(node.args[0])
-                if isinstance(parent, nn.MultiheadAttention) and node.args[0].target not in graph.shared:
+                if isinstance(parent, nn.MultiheadAttention) and node.args[0].target not in graph.excluded:
                     yield _attention_output_source(node, parent)
             continue
         source = _source(node, module)
@@ -825,6 +936,7 @@ def _warn_unanalysed(graph: _Graph) -> None:
             f"{node.target} ({type(graph.module(node)).__name__})"
             for node in graph.gm.graph.nodes
             if graph.module(node) is not None
+            and node.target not in graph.excluded
             and not isinstance(graph.module(node), UNDERSTOOD_LEAVES)
             and any(p.requires_grad for p in graph.module(node).parameters())
         }
@@ -836,9 +948,18 @@ def _warn_unanalysed(graph: _Graph) -> None:
             UserWarning,
             stacklevel=3,
         )
-    if graph.shared:
+    for target, why in graph.excluded.items():
         warnings.warn(
-            f"{', '.join(sorted(graph.shared))}: called more than once or parameters read directly; no law involves them",
+            f"{target} ({type(graph.modules[target]).__name__}): {why}; "
+            "flowsim drops every law that involves it or passes through it",
+            UserWarning,
+            stacklevel=3,
+        )
+    for users in dict.fromkeys(graph.exposed.values()):
+        names = [name for name, u in graph.exposed.items() if u == users]
+        verb = "is" if len(names) == 1 else "are"
+        warnings.warn(
+            f"{', '.join(names)} {verb} used by {users}; a law follows one use, so flowsim drops every law that involves them",
             UserWarning,
             stacklevel=3,
         )
@@ -848,7 +969,8 @@ def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None 
     """Every law flowsim can prove for `model`'s symmetries under `loss`, in graph order.
 
     `inputs` (a few examples, batch first) give every tensor's shape to the graph walk; without
-    them flowsim probes the model with small inputs guessed from its first layer."""
+    them flowsim probes the model with small inputs guessed from its first layer. The model is
+    traced in training mode, as Problem runs it, and left in its own modes."""
     graph = _Graph(model, inputs)
     _warn_unanalysed(graph)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -879,10 +1001,10 @@ def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None 
                 found.append((order[key.node], bias))
     for node in graph.gm.graph.nodes:
         module = graph.module(node)
-        if isinstance(module, nn.MultiheadAttention) and node.target not in graph.shared:
+        if isinstance(module, nn.MultiheadAttention) and node.target not in graph.excluded:
             found += [(order[node], law) for law in _attention_module_laws(node.target, module, trainable)]
     laws = [law for _, law in sorted(found, key=lambda pair: pair[0])]
-    return [law for law in laws if set(law.parameters) <= trainable]
+    return [law for law in laws if set(law.parameters) <= trainable - graph.exposed.keys()]
 
 
 __all__ = ["detect"]
