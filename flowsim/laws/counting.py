@@ -26,30 +26,55 @@ directions w):
    and directions, so once a random bracket of depth ℓ adds nothing, none of that depth does
    (almost surely): a depth ends after `confirm` such misses, and the search ends at the first
    depth that adds nothing. Random brackets, not the ones kept by value: two fields with the
-   same value at θ can have different brackets;
+   same value at θ can have different brackets. The search stops at `max_depth` and after
+   `max_seconds` (before a chunk predicted to overrun them): its count is then an upper bound
+   (``stopped`` says which cap);
 3. cheap bounds come with it:
 
     D − rank W(θ)  ≥  n_laws  ≥  n_known = rank of the Jacobian of the detected exact laws,
 
    so equal bounds prove the detected laws complete without any bracket (step 2 is skipped).
 
+**Points.** The rank is that of a generic θ only where θ is not degenerate: a ReLU unit that
+is off for every random input (its weights get no field), or on for every one (it is linear
+there), adds laws that are not laws, and so does one positive on too few of the ~2D inputs for
+its weights' fields to span (a ReLU MLP gave 21, 19, 34 at seeds 0, 1, 2 for its true 19: one
+unit on 1 % of the inputs at seed 0). So at each point, site by site in call order, the bias
+that adds to every ReLU / leaky-ReLU input (module or function; the last module run before it
+with a bias of the right size) is shifted so that each unit (a feature: the last axis, the
+channel axis after a convolution or for inputs of 4 or more axes) is positive on a random
+fraction in [0.3, 0.7] of the random inputs; a point with a unit positive on under `MIXED`
+(5 %) or over 1 − `MIXED` of them (no bias to shift) is drawn again, `tries` times, then used
+with a note naming the units. The count is made at `points` points (seeds `seed`, `seed` + 1,
+…) and decided by agreement: `n_laws` is their common value; where they disagree it is the
+most common one (the smallest of a tie), `counts` lists every one, the note says so and
+``complete`` is False. Max-pooling is not checked.
+
 Laws marked inexact (normalisation eps > 0) are not laws of the model as given and are not
 counted in n_known. Every exact detected law is checked to be orthogonal to the fields: one
-that is not is named in a warning and the count is not complete. At a degenerate θ (a ReLU
-unit off for every input) the count is too high; the random inputs are centred with at least
-unit spread to make that unlikely, and `seed` picks another point.
+that is not is named in a warning and the count is not complete. A model torch.fx cannot
+trace (so no law is detected) is counted with n_known = 0 and a note.
 
-LayerNorm and BatchNorm are evaluated by their formula, (x − mean) / √(var + eps) · γ + β,
-not by torch's fused kernels: the forward-mode derivative of the fused kernels' backward is
-wrong at third order (torch 2.x), which would make brackets of depth ≥ 3 wrong.
+Evaluation by formulas forward-mode AD supports: LayerNorm and BatchNorm by
+(x − mean) / √(var + eps) · γ + β, not torch's fused kernels (their forward-mode derivative of
+the backward is wrong at third order, torch 2.x, which would make brackets of depth ≥ 3
+wrong); ``F.scaled_dot_product_attention`` (``nn.MultiheadAttention`` with
+``need_weights=False``, ``nn.TransformerEncoderLayer``) by softmax(q kᵀ · scale + mask) v
+(attn_mask, is_causal, scale and enable_gqa honoured); ``torch._weight_norm`` (weight_norm,
+parametrised or not) by v · g / ‖v‖. Dropout with p > 0 is refused (ModelError): the count
+evaluates the model in training mode, as flowsim trains it, so dropout makes every field
+random; use p = 0. A forward torch.func cannot differentiate (data-dependent Python control
+flow, ``.item()``) is a ModelError naming the cause.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 import types
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +82,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.modules.batchnorm import _NormBase
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelError, bad_value, check_number
 from ..problem import LOSSES, _flat_network
@@ -66,18 +92,23 @@ from .law import Law, LawSet
 #: the most float64 numbers one dense matrix of the count may hold (160 MB)
 MEMORY = 20_000_000
 
+
 @dataclass(frozen=True)
 class LawCount:
-    """How many independent conservation laws a model has at a random parameter point.
+    """How many independent conservation laws a model has, decided at random parameter points.
 
     - `n_params` D; `lie_rank` dim Lie(W)(θ) and `n_laws` = D − lie_rank (None when the model
-      was too large for the bracket computation);
+      was too large for the bracket computation): the value the points agree on (the most
+      common one where they disagree), an upper bound where a cap stopped the search;
     - `n_known`: the rank of the Jacobian of the detected exact laws (None: too large to form);
-    - `complete`: n_known == n_laws (or == `first_order_bound` when those meet) and every
-      detected law checked; None when the bounds do not decide it;
-    - `first_order_bound` = D − rank W(θ) ≥ n_laws, from the fields alone;
+    - `complete`: the points agree, n_known == n_laws (or == `first_order_bound` when those
+      meet) and every detected law checked; None when the bounds do not decide it;
+    - `first_order_bound` = D − rank W(θ) ≥ n_laws, from the fields alone (smallest over points);
     - `gap`: the smallest part outside the span of a field that was kept over the largest of
-      one that was not (relative sizes): how clearly the rank was decided.
+      one that was not (relative sizes, smallest over points): how clearly the rank was decided;
+    - `counts`: n_laws at each point (None: bounds only), at the seeds `seeds`;
+    - `stopped`: "" when every bracket search ended by itself, else the cap that stopped one
+      ("max_depth" or "max_seconds"): n_laws is then only an upper bound.
     """
 
     n_params: int
@@ -88,11 +119,15 @@ class LawCount:
     first_order_bound: int
     gap: float
     note: str = ""
+    counts: tuple[int | None, ...] = ()
+    seeds: tuple[int, ...] = ()
+    stopped: str = ""
 
     def __str__(self) -> str:
-        laws = "?" if self.n_laws is None else self.n_laws
+        laws = "?" if self.n_laws is None else ("≤ " if self.stopped else "") + str(self.n_laws)
+        at = f" at {len(self.counts)} points {', '.join('?' if c is None else str(c) for c in self.counts)}" if len(self.counts) > 1 else ""
         return (
-            f"{self.n_params} parameters, {laws} laws (first-order bound {self.first_order_bound}), "
+            f"{self.n_params} parameters, {laws} laws{at} (first-order bound {self.first_order_bound}), "
             f"{self.n_known} known, complete: {self.complete}" + (f" ({self.note})" if self.note else "")
         )
 
@@ -127,9 +162,102 @@ class _Span:
         return self.smallest_kept / max(self.largest_dropped, torch.finfo(self.basis.dtype).tiny)
 
 
-def _functional(model: nn.Module, generator: torch.Generator) -> tuple[Callable[[Tensor, Tensor], Tensor], list, Tensor]:
-    """f(θ, x) on a float64 copy of `model` (normalisation from the batch, no running stats),
-    its (name, shape) list, and a random point θ: each tensor N(0, s²), s its RMS (at least 0.1)."""
+# ----------------------------------------------------------------------------- evaluation
+_KINKS = {"relu", "relu_", "leaky_relu", "leaky_relu_"}
+_DROPOUTS = {"dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_", "feature_dropout", "feature_dropout_"}
+
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+    """softmax(q kᵀ · scale + mask) v, op by op (``F.scaled_dot_product_attention`` at dropout 0)."""
+    if enable_gqa and key.size(-3) != query.size(-3):
+        repeat = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        allowed = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~allowed, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1) @ value
+
+
+def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """v · g / ‖v‖ (norm over every axis but `dim`; over all of them for dim = −1), op by op."""
+    if dim == -1:
+        return v * (g / v.square().sum().sqrt())
+    axes = [a for a in range(v.ndim) if a != dim % v.ndim]
+    return v * (g / v.square().sum(axes, keepdim=True).sqrt())
+
+
+def _argument(args: tuple, kwargs: dict, index: int, name: str, default):
+    return kwargs[name] if name in kwargs else args[index] if len(args) > index else default
+
+
+class _Evaluate(TorchFunctionMode):
+    """Evaluates the model by formulas forward-mode AD supports (scaled-dot-product attention,
+    weight norm), refuses dropout with p > 0, and, given a `watch` list, records for every
+    ReLU / leaky-ReLU call which elements of its input are positive."""
+
+    def __init__(self, watch: list | None = None, names: list | None = None, last_bias: list | None = None) -> None:
+        super().__init__()
+        self.watch, self.names, self.last_bias, self.used = watch, names, last_bias, set()
+
+    def __enter__(self):
+        # Python functions that call these from their own module (F.multi_head_attention_forward,
+        # the weight-norm parametrisation) run with this mode suspended: patch their globals too
+        if not _PATCHED:
+            _PATCHED.update(sdpa=torch.nn.functional.scaled_dot_product_attention, weight_norm=torch._weight_norm)
+            torch.nn.functional.scaled_dot_product_attention = self._sdpa
+            torch._weight_norm = self._weight_norm
+        _PATCHED["depth"] = _PATCHED.get("depth", 0) + 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _PATCHED["depth"] -= 1
+        if not _PATCHED["depth"]:
+            torch.nn.functional.scaled_dot_product_attention = _PATCHED["sdpa"]
+            torch._weight_norm = _PATCHED["weight_norm"]
+            _PATCHED.clear()
+        return super().__exit__(*exc)
+
+    def _sdpa(self, *args, **kwargs) -> Tensor:
+        if float(_argument(args, kwargs, 4, "dropout_p", 0.0)) > 0:
+            raise ModelError("model: attention dropout (dropout_p > 0) makes the fields random, so its laws cannot be counted; use dropout 0")
+        self.used.add("scaled_dot_product_attention")
+        return _sdpa(*args, **kwargs)
+
+    def _weight_norm(self, *args, **kwargs) -> Tensor:
+        self.used.add("_weight_norm")
+        return _weight_norm(*args, **kwargs)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "scaled_dot_product_attention":
+            return self._sdpa(*args, **kwargs)
+        if name == "_weight_norm":
+            return self._weight_norm(*args, **kwargs)
+        if name in _DROPOUTS:
+            p = float(_argument(args, kwargs, 1, "p", 0.5))
+            training = bool(_argument(args, kwargs, 2, "training", kwargs.get("train", True)))
+            if p > 0 and training:
+                raise ModelError(
+                    f"model: {name} with p={p:g} makes the fields random, so its laws cannot be counted; the count runs the "
+                    "model in training mode, as flowsim trains it: use p=0"
+                )
+        if self.watch is not None and name in _KINKS and isinstance(args[0], Tensor):
+            self.watch.append((self.names[-1] if self.names else "", args[0].detach().clone(), self.last_bias[0]))
+        return func(*args, **kwargs)
+
+
+#: the functions _Evaluate replaced while it is entered (and how deep)
+_PATCHED: dict = {}
+
+
+def _functional(model: nn.Module) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor], list, list]:
+    """A float64 training-mode copy of `model` (normalisation from the batch, no running stats),
+    f(θ, x) on it, its (name, shape) list and the scale of each tensor (its RMS, at least 0.1)."""
     net = copy.deepcopy(model).to(torch.float64)
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if not named:
@@ -141,15 +269,23 @@ def _functional(model: nn.Module, generator: torch.Generator) -> tuple[Callable[
         if isinstance(module, (nn.LayerNorm, _NormBase)):
             module.forward = types.MethodType(_explicit_norm, module)
     layout = [(n, p.shape) for n, p in named]
-    theta = torch.cat(
-        [torch.randn(p.numel(), generator=generator, dtype=torch.float64) * max(float(p.detach().square().mean().sqrt()), 0.1) for _, p in named]
-    )
+    scales = [(p.numel(), max(float(p.detach().square().mean().sqrt()), 0.1)) for _, p in named]
+    mode = {"explicit": True}
 
     def f(theta: Tensor, x: Tensor) -> Tensor:
         params = {n: t.view(s) for (n, s), t in zip(layout, theta.split(sizes))}
-        return functional_call(net, params, (x,))
+        if not mode["explicit"]:
+            return functional_call(net, params, (x,))
+        with _Evaluate():
+            return functional_call(net, params, (x,))
 
-    return f, layout, theta
+    f.mode = mode  # type: ignore[attr-defined]
+    return net, f, layout, scales
+
+
+def _draw_theta(scales: list, generator: torch.Generator) -> Tensor:
+    """A random point: each tensor N(0, s²), s its scale."""
+    return torch.cat([torch.randn(n, generator=generator, dtype=torch.float64) * s for n, s in scales])
 
 
 def _explicit_norm(self: nn.Module, x: Tensor) -> Tensor:
@@ -170,8 +306,7 @@ def _explicit_norm(self: nn.Module, x: Tensor) -> Tensor:
 
 def _random_inputs(inputs: Tensor, n: int, batch: int, generator: torch.Generator) -> Tensor:
     """(n, batch, *inputs.shape[1:]) inputs shaped like the given ones: centred Gaussians with
-    at least unit spread (so every ReLU is on for some inputs and off for others), or integers
-    drawn from the range of the given ones."""
+    at least unit spread, or integers drawn from the range of the given ones."""
     shape = (n, batch, *inputs.shape[1:])
     if inputs.is_floating_point():
         spread = max(float(inputs.double().square().mean().sqrt()), 1.0)
@@ -186,6 +321,90 @@ def _directions(shape: torch.Size, n: int, loss: str, generator: torch.Generator
     return w - w.mean(-1, keepdim=True) if loss == "cross_entropy" else w
 
 
+#: a unit is mixed when it is positive on between this fraction of the random inputs and 1 − it
+MIXED = 0.05
+
+
+def activation_patterns(net: nn.Module, f: Callable[[Tensor, Tensor], Tensor], theta: Tensor, xs: Tensor) -> list[tuple[str, str | None, Tensor]]:
+    """For every ReLU / leaky-ReLU call of f(θ, ·) on the inputs `xs` (n, batch, …), in call
+    order: the site (``module name #call``), the name of the bias that adds to its input (the
+    last module run before it that has one of the right size; None if none) and its input as
+    (units, samples). A unit is a feature: the last axis, or axis 1 (channels) for inputs of 4
+    or more axes or after a convolution."""
+    names: list[str] = []
+    last_bias: list = [None]
+    watch: list[tuple[str, Tensor]] = []
+    handles = []
+
+    def after(module: nn.Module, name: str) -> None:
+        names.pop()
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor) and bias.ndim == 1:
+            last_bias[0] = (name, bias.numel(), isinstance(module, nn.modules.conv._ConvNd))
+
+    for name, module in net.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name or "model": names.append(name) and None))
+        handles.append(module.register_forward_hook(lambda m, a, o, name=name: after(m, name)))
+    try:
+        with torch.no_grad(), _Evaluate(watch, names, last_bias):
+            chunks = [xs.flatten(0, 1)] if xs.shape[1] == 1 else list(xs[:64])
+            for x in chunks:
+                last_bias[0] = None
+                f(theta, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls = len(watch) // len(chunks)
+    patterns, seen = [], Counter()
+    for i in range(calls):
+        site, _, bias = watch[i]
+        values = torch.cat([watch[i + j * calls][1] for j in range(len(chunks))])
+        conv = bias is not None and bias[2]
+        axis = 1 if values.ndim >= 4 or (conv and values.ndim >= 3) else -1
+        values = values.movedim(axis, 0).flatten(1)
+        seen[site] += 1
+        patterns.append((f"{site} #{seen[site]}", bias[0] if bias is not None and bias[1] == len(values) else None, values))
+    return patterns
+
+
+def _degenerate(patterns: list) -> list[str]:
+    """'site: k off, m on' for each site with units positive on fewer than MIXED of the inputs
+    (off) or on more than 1 − MIXED (on: nearly linear)."""
+    bad = []
+    for site, _, values in patterns:
+        fraction = (values > 0).double().mean(1)
+        off, on = int((fraction < MIXED).sum()), int((fraction > 1 - MIXED).sum())
+        if off or on:
+            bad.append(f"{site}: {off} off, {on} on of {len(fraction)} units")
+    return bad
+
+
+def _mix(setup: types.SimpleNamespace, theta: Tensor, xs: Tensor, generator: torch.Generator) -> tuple[Tensor, list[str]]:
+    """θ with the bias of every ReLU site shifted, site by site in call order, so each unit is
+    positive on a random fraction in [0.3, 0.7] of the inputs; the sites still degenerate."""
+    theta = theta.clone()
+    offsets, start = {}, 0
+    for name, shape in setup.layout:
+        offsets[name] = (start, math.prod(shape))
+        start += math.prod(shape)
+    patterns = activation_patterns(setup.net, setup.f, theta, xs)
+    for i in range(len(patterns)):
+        _, bias, values = patterns[i]
+        if bias is None or f"{bias}.bias" not in offsets:
+            continue
+        begin, size = offsets[f"{bias}.bias"]
+        q = 0.3 + 0.4 * torch.rand(size, 1, generator=generator, dtype=torch.float64)
+        sorted_values = values.sort(1).values
+        position = q * (values.shape[1] - 1)
+        low = position.floor().long()
+        high = (low + 1).clamp_max(values.shape[1] - 1)
+        weight = position - low
+        shift = sorted_values.gather(1, low) * (1 - weight) + sorted_values.gather(1, high) * weight
+        theta[begin : begin + size] -= shift[:, 0].to(theta.dtype)
+        patterns = activation_patterns(setup.net, setup.f, theta, xs)
+    return theta, _degenerate(patterns)
+
+
 def count(
     model: nn.Module,
     inputs: Tensor,
@@ -197,6 +416,10 @@ def count(
     rtol: float = 1e-8,
     max_params: int = 1000,
     seed: int = 0,
+    points: int = 3,
+    tries: int = 5,
+    max_depth: int = 8,
+    max_seconds: float = 120.0,
     chunk_size: int = 16,
     confirm: int = 4,
 ) -> LawCount:
@@ -209,19 +432,25 @@ def count(
       inputs the fields are drawn at.
     - `loss`: ``"cross_entropy"`` (output directions summing to zero) or ``"mse"``.
     - `laws`: the known laws (``flowsim.laws.detect(model, loss, inputs)`` by default).
+    - `points`: the count is made at this many random points (seeds `seed`, `seed` + 1, …)
+      and decided where they agree; `tries`: draws of a point until every ReLU unit is mixed.
+    - `max_depth`, `max_seconds`: caps on the bracket search (its depth; the wall time of the
+      whole call): a capped count is an upper bound (``stopped``, a note, a warning).
 
     **Other arguments**
 
     - `n_fields`: fields for the first-order span (2D by default); `batch`: inputs per field (1,
       or 8 for models with BatchNorm, whose output depends on the whole batch); `rtol`: rank
-      tolerance; `seed`: the random point, inputs and directions; `chunk_size`: brackets
-      evaluated together by ``torch.func.vmap``; `confirm`: misses that end a depth.
+      tolerance; `chunk_size`: brackets evaluated together by ``torch.func.vmap``; `confirm`:
+      misses that end a depth.
     - `max_params`: above this many parameters no bracket is computed: the result has
       ``n_laws=None`` and the bounds only (the first-order one from as many fields as fit in
       memory), and a warning says so.
 
-    **Returns** a ``LawCount``. **Raises** ModelError or ConfigError for bad arguments.
+    **Returns** a ``LawCount``. **Raises** ModelError or ConfigError for bad arguments, for
+    dropout with p > 0 and for a forward torch.func cannot differentiate.
     """
+    started = time.monotonic()
     if loss not in LOSSES:
         raise bad_value("problem.loss", loss, f"one of {', '.join(LOSSES)}")
     if not isinstance(inputs, Tensor) or inputs.ndim < 2 or len(inputs) == 0:
@@ -230,65 +459,165 @@ def count(
     max_params = check_number("max_params", max_params, integer=True, minimum=1)
     chunk_size = check_number("chunk_size", chunk_size, integer=True, minimum=1)
     confirm = check_number("confirm", confirm, integer=True, minimum=1)
-    generator = torch.Generator().manual_seed(seed)
-    f, layout, theta = _functional(model, generator)
-    dim = theta.numel()
+    points = check_number("points", points, integer=True, minimum=1)
+    tries = check_number("tries", tries, integer=True, minimum=1)
+    max_depth = check_number("max_depth", max_depth, integer=True, minimum=1)
+    max_seconds = check_number("max_seconds", max_seconds, minimum=0.0, exclusive_minimum=True)
+    seed = check_number("seed", seed, integer=True)
+    net, f, layout, scales = _functional(model)
+    dim = sum(n for n, _ in scales)
     too_large = dim > max_params
     n_fields = check_number("n_fields", n_fields, integer=True, minimum=1) if n_fields is not None else 2 * min(dim, max_params)
+    if too_large:
+        n_fields = max(1, min(n_fields, MEMORY // dim))
     if batch is None:
         batch = 8 if any(isinstance(m, _NormBase) for m in model.modules()) else 1
     batch = check_number("batch", batch, integer=True, minimum=1)
 
-    xs = _random_inputs(inputs, n_fields, batch, generator)
-    with torch.no_grad():
-        out = f(theta, xs[0])
-    ws = _directions(out.shape, n_fields, loss, generator)
+    # a probe: refuses dropout, finds whether the explicit formulas are needed at all
+    probe = _Evaluate()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad(), probe:
+        out = functional_call(net, {n: t.view(s) for (n, s), t in zip(layout, _draw_theta(scales, generator).split([n for n, _ in scales]))}, (_random_inputs(inputs, 1, batch, generator)[0],))
+    f.mode["explicit"] = bool(probe.used)  # type: ignore[attr-defined]
+
+    notes: list[str] = []
+    if laws is None:
+        try:
+            laws = detect(model, loss=loss, inputs=inputs)
+        except ModelError as error:
+            laws = []
+            notes.append(f"no law detected ({error}); n_known = 0")
+    exact = [law for law in laws if law.exact]
+
+    setup = types.SimpleNamespace(
+        net=net, f=f, layout=layout, scales=scales, dim=dim, too_large=too_large, n_fields=n_fields, batch=batch, inputs=inputs, loss=loss,
+        out_shape=out.shape, rtol=rtol, chunk_size=chunk_size, confirm=confirm, max_depth=max_depth, deadline=started + max_seconds, exact=exact,
+    )
+    results = []
+    for i in range(points):
+        if results and time.monotonic() >= setup.deadline:
+            notes.append(f"only {len(results)} of {points} points within max_seconds={max_seconds:g}")
+            break
+        results.append(_count_at(setup, seed + i, tries))
+    seeds = tuple(r.seed for r in results)
+    for r in results:
+        notes += [f"at seed {r.seed}: {note}" if len(results) > 1 else note for note in r.notes]
+    law_notes = [note for r in results for note in r.law_notes]
+    notes += list(dict.fromkeys(law_notes))
+    known = [r.n_known for r in results]
+    n_known = None if None in known else max(known)
+    if n_known is None:
+        notes.append("too many law components × parameters for the rank of their Jacobian")
+    first_order_bound = min(r.first_order_bound for r in results)
+    gap = min(r.gap for r in results)
+    counts = tuple(r.n_laws for r in results)
+
+    if too_large:
+        notes.append(f"{dim} parameters > max_params={max_params}: brackets not computed, bounds only")
+        for note in notes:
+            warnings.warn(f"flowsim.laws.count: {note}", UserWarning, stacklevel=2)
+        complete = True if n_known == first_order_bound and not law_notes and all(r.mixed for r in results) else None
+        return LawCount(dim, None, None, n_known, complete, first_order_bound, gap, "; ".join(notes), counts, seeds)
+
+    frequency = Counter(counts)
+    n_laws = min(counts, key=lambda c: (-frequency[c], c))
+    agree = len(frequency) == 1
+    if not agree:
+        notes.append(f"the points disagree (n_laws {', '.join(map(str, counts))} at seeds {', '.join(map(str, seeds))}): n_laws is the most common, not decided")
+    stopped = next((r.stopped for r in results if r.stopped), "")
+    if stopped:
+        notes.append(f"the bracket search was stopped by {stopped}: n_laws ≤ {n_laws} is an upper bound")
+    if n_known is not None and n_known > n_laws:
+        notes.append(f"the detected laws have rank {n_known} > {n_laws}: rtol is too loose for this model")
+    for note in notes:
+        warnings.warn(f"flowsim.laws.count: {note}", UserWarning, stacklevel=2)
+    complete = agree and n_known == n_laws and not law_notes and not any(n.startswith("no law detected") for n in notes)
+    return LawCount(dim, dim - n_laws, n_laws, n_known, complete, first_order_bound, gap, "; ".join(notes), counts, seeds, stopped)
+
+
+def _count_at(setup: types.SimpleNamespace, seed: int, tries: int) -> types.SimpleNamespace:
+    """The count at one point (seed `seed`): θ and inputs drawn until every ReLU unit is mixed."""
+    s = setup
+    generator = torch.Generator().manual_seed(seed)
+    notes: list[str] = []
+    best = None
+    for attempt in range(tries):
+        theta = _draw_theta(s.scales, generator)
+        xs = _random_inputs(s.inputs, s.n_fields, s.batch, generator)
+        theta, bad = _mix(s, theta, xs, generator)
+        if best is None or len(bad) < len(best[2]):
+            best = (theta, xs, bad)
+        if not bad:
+            break
+    theta, xs, bad = best
+    if bad:
+        notes.append(f"no point with every ReLU unit mixed in {tries} tries ({'; '.join(bad)}): the count may be too high")
+    ws = _directions(s.out_shape, s.n_fields, s.loss, generator)
+    f = s.f
 
     def field(theta: Tensor, x: Tensor, w: Tensor) -> Tensor:
         """χ_{x,w}(θ) = ∂_θ f(x; θ)ᵀ w."""
         return grad(lambda t: (f(t, x) * w).sum())(theta)
 
     # 1. the span of the fields' values: the first-order bound
-    if too_large:
-        n_fields = max(1, min(n_fields, MEMORY // dim))
-        xs, ws = xs[:n_fields], ws[:n_fields]
-    values = vmap(field, in_dims=(None, 0, 0), chunk_size=64)(theta, xs, ws)
-    span = _Span(dim, rtol, theta, capacity=min(dim, n_fields) if too_large else dim)
+    with _differentiable():
+        values = vmap(field, in_dims=(None, 0, 0), chunk_size=64)(theta, xs, ws)
+    span = _Span(s.dim, s.rtol, theta, capacity=min(s.dim, s.n_fields) if s.too_large else s.dim)
     for value in values:
         span.add(value, float(value.norm()))
-    first_order_bound = dim - span.rank
-
-    # the detected laws: their rank, and whether each is orthogonal to every field
-    if laws is None:
-        laws = detect(model, loss=loss, inputs=inputs)
-    exact = [law for law in laws if law.exact]
-    n_known, notes = _known_rank(exact, layout, theta, values)
-    if n_known is None:
-        notes.append("too many law components × parameters for the rank of their Jacobian")
-    if too_large:
-        notes.append(f"{dim} parameters > max_params={max_params}: brackets not computed, bounds only")
-        warnings.warn(f"flowsim.laws.count: {notes[-1]}", UserWarning, stacklevel=2)
-        complete = True if n_known == first_order_bound and len(notes) == 1 else None
-        return LawCount(dim, None, None, n_known, complete, first_order_bound, span.gap, "; ".join(notes))
+    first_order_bound = s.dim - span.rank
+    n_known, law_notes = _known_rank(s.exact, s.layout, theta, values)
+    result = types.SimpleNamespace(seed=seed, notes=notes, law_notes=law_notes, n_known=n_known, first_order_bound=first_order_bound, mixed=not bad, stopped="", n_laws=None)
+    if s.too_large:
+        result.gap = span.gap
+        return result
 
     # 2. brackets, depth by depth, unless equal bounds already prove the count
-    depth = 2 if n_known < first_order_bound else 0
-    while depth and span.rank < dim:
+    depth = 2 if n_known is None or n_known < first_order_bound else 0
+    last = 0.0  # seconds of the last chunk
+    while depth and span.rank < s.dim:
+        if depth > s.max_depth:
+            result.stopped = "max_depth"
+            notes.append("no bracket computed (max_depth=1)" if depth == 2 else f"depth {depth - 1} still raised the rank; stopped at max_depth={s.max_depth}")
+            break
         terms = vmap(_outer_bracket_terms(field, depth, theta))
-        rank, misses = span.rank, 0
-        while misses < confirm and span.rank < dim:
-            x = _random_inputs(inputs, chunk_size * depth, batch, generator).reshape(chunk_size, depth, *xs.shape[1:])
-            w = _directions(ws.shape[1:], chunk_size * depth, loss, generator).reshape(chunk_size, depth, *ws.shape[1:])
-            d_field, d_bracketed = terms(x, w)
+        rank, misses, fresh = span.rank, 0, True
+        while misses < s.confirm and span.rank < s.dim:
+            if time.monotonic() + last * (4 if fresh else 1) > s.deadline:
+                result.stopped = "max_seconds"
+                notes.append(f"stopped at depth {depth} by max_seconds")
+                break
+            tic = time.monotonic()
+            x = _random_inputs(s.inputs, s.chunk_size * depth, s.batch, generator).reshape(s.chunk_size, depth, *xs.shape[1:])
+            w = _directions(ws.shape[1:], s.chunk_size * depth, s.loss, generator).reshape(s.chunk_size, depth, *ws.shape[1:])
+            with _differentiable():
+                d_field, d_bracketed = terms(x, w)
             for first, second in zip(d_field, d_bracketed):
                 misses += not span.add(first - second, float(first.norm() + second.norm()))
+            last, fresh = time.monotonic() - tic, False
+        if result.stopped:
+            break
         depth = depth + 1 if span.rank > rank else 0
-    n_laws = dim - span.rank
-    if n_known > n_laws:
-        notes.append(f"the detected laws have rank {n_known} > {n_laws}: rtol is too loose for this model")
-    for note in notes:
-        warnings.warn(f"flowsim.laws.count: {note}", UserWarning, stacklevel=2)
-    return LawCount(dim, span.rank, n_laws, n_known, n_known == n_laws and not notes, first_order_bound, span.gap, "; ".join(notes))
+    result.n_laws = s.dim - span.rank
+    result.gap = span.gap
+    return result
+
+
+class _differentiable:
+    """Turns an error of torch.func on the model's forward into a ModelError naming it."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, (RuntimeError, NotImplementedError)) and not isinstance(error, ModelError):
+            message = str(error).strip().splitlines()[0] if str(error).strip() else kind.__name__
+            raise ModelError(
+                f"model: torch.func cannot differentiate its forward ({kind.__name__}: {message}); the count needs a forward "
+                "without data-dependent Python control flow (if on a tensor, .item(), .tolist()) and with forward-mode derivatives"
+            ) from error
+        return False
 
 
 def _known_rank(laws: list[Law], layout: list, theta: Tensor, values: Tensor) -> tuple[int | None, list[str]]:
