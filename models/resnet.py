@@ -2,7 +2,8 @@
 
 A residual block adds its input back to its output. That adds no law and removes none: the
 laws of a block are those of the same block without its skip (``flowsim.laws.count`` shows
-it), and ``flowsim.laws.detect`` makes none across a skip.
+it); the residual stream has laws of its own (a rescale per stream unit), which
+``flowsim.laws.detect`` builds.
 """
 
 from __future__ import annotations

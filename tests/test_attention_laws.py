@@ -42,7 +42,10 @@ SEQ = data.sequences(n=16, length=4, vocab=4)
 DIGITS = data.digits(n_train=16)
 
 
-def block_kinds(prefix=""):
+def block_kinds(prefix="", stream=()):
+    """A pre-norm block's laws; `stream`: the laws of its residual stream, after attn.v|attn.o
+    (the block alone: Σ b_o − Σ b_fc2; in a transformer whose stream only LayerNorms read: the
+    sums of each writer's bias and weight columns)."""
     p = prefix
     return [
         ("rescale", f"{p}ln1|{p}attn.q|{p}attn.k|{p}attn.v", 4),
@@ -50,8 +53,10 @@ def block_kinds(prefix=""):
         ("translation", f"{p}attn.k", 4),
         ("rescale", f"{p}attn.v|{p}attn.o", 4),
         ("attention_vo", f"{p}attn.v|{p}attn.o", 6),
+        *[law for law in stream if "fc2" not in law[1] or "-" in law[1]],
         ("rescale", f"{p}ln2|{p}fc1", 4),
         ("rescale", f"{p}fc1|{p}fc2", 4),
+        *[law for law in stream if "fc2" in law[1] and "-" not in law[1]],
     ]
 
 
@@ -61,18 +66,26 @@ ZOO = {
         "mse",
         [("attention_qk", "q|k", 6), ("translation", "k", 4), ("rescale", "v|o", 4), ("attention_vo", "v|o", 6)],
     ),
-    "attention.block": (lambda: models.attention.block(d_model=4, heads=2, hidden=4), "mse", block_kinds()),
+    "attention.block": (lambda: models.attention.block(d_model=4, heads=2, hidden=4), "mse", block_kinds(stream=[("translation", "attn.o-fc2", 1)])),
     "attention.transformer": (
         lambda: models.attention.transformer(vocab=4, length=4, width=4, heads=2, hidden=4, num_classes=4),
         "cross_entropy",
-        block_kinds("blocks.0.") + [("rescale", "norm|head", 4), ("translation", "head", 5)],
+        [("translation", "embed", 4), ("translation", "pos", 4)]
+        + block_kinds(
+            "blocks.0.",
+            [("translation", f"blocks.0.{w}", n) for w in ("attn.o", "fc2") for n in (1, 4)],
+        )
+        + [("rescale", "norm|head", 4), ("translation", "head", 5)],
     ),
     "resnet.resnet": (
         lambda: models.resnet.resnet(width=2, stages=2),
         "cross_entropy",
         [
+            ("rescale", "stem.conv+stage0.block0.conv2|stage0.block0.conv1|stage1.block0.conv1|stage1.block0.shortcut.0", 2),
             ("rescale", "stage0.block0.conv1|stage0.block0.conv2", 2),
             ("rescale", "stage1.block0.conv1|stage1.block0.conv2", 4),
+            ("rescale", "stage1.block0.conv2+stage1.block0.shortcut.0|fc", 4),
+            ("translation", "stage1.block0.conv2-stage1.block0.shortcut.0", 4),
             ("translation", "fc", 5),
         ],
     ),
@@ -81,28 +94,42 @@ ZOO = {
         "cross_entropy",
         [
             ("scale", "stem.conv", 2),
+            ("translation", "stem.conv", 2),  # a conv bias before a BatchNorm: each entry
+            ("rescale", "stem.bn+stage0.block0.bn2|stage0.block0.conv1|stage1.block0.conv1|stage1.block0.shortcut.0", 2),
             ("scale", "stage0.block0.conv1", 2),
+            ("translation", "stage0.block0.conv1", 2),
             ("rescale", "stage0.block0.bn1|stage0.block0.conv2", 2),
             ("scale", "stage0.block0.conv2", 2),
+            ("translation", "stage0.block0.conv2", 2),
             ("scale", "stage1.block0.conv1", 4),
+            ("translation", "stage1.block0.conv1", 4),
             ("rescale", "stage1.block0.bn1|stage1.block0.conv2", 4),
             ("scale", "stage1.block0.conv2", 4),
+            ("translation", "stage1.block0.conv2", 4),
+            ("rescale", "stage1.block0.bn2+stage1.block0.shortcut.1|fc", 4),
+            ("translation", "stage1.block0.bn2-stage1.block0.shortcut.1", 4),
             ("scale", "stage1.block0.shortcut.0", 4),
+            ("translation", "stage1.block0.shortcut.0", 4),
             ("translation", "fc", 5),
         ],
     ),
     "resnet.residual_mlp": (
         lambda: models.resnet.residual_mlp(width=4, hidden=3),
         "cross_entropy",
-        [("rescale", "block1.fc1|block1.fc2", 3), ("rescale", "block2.fc1|block2.fc2", 3), ("translation", "out", 5)],
+        [
+            ("rescale", "inp+block1.fc2+block2.fc2|block1.fc1|block2.fc1|out", 4),
+            ("rescale", "block1.fc1|block1.fc2", 3),
+            ("rescale", "block2.fc1|block2.fc2", 3),
+            ("translation", "out", 5),
+        ],
     ),
 }
 
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_every_zoo_model_gets_its_laws_and_each_is_orthogonal_to_the_gradient(name):
-    """The exact list of laws (none across a residual skip: the stream-wide laws of a residual
-    network are not detected, see README) and |⟨∇Q, ∇L⟩| / (|∇Q| |∇L|) < 1e-12 at random θ
+    """The exact list of laws (the residual stream's own laws included: its rescale law, and
+    the shifts that LayerNorms or cancelling biases ignore) and |⟨∇Q, ∇L⟩| / (|∇Q| |∇L|) < 1e-12 at random θ
     and data (BatchNorm eps = 1e-12 breaks its scale laws at order eps/Var: < 1e-8)."""
     build, loss, expected = ZOO[name]
     torch.manual_seed(0)
@@ -143,8 +170,8 @@ def test_a_users_sequential_with_its_own_residual_wrapper():
     )
     torch.manual_seed(0)
     laws = orthogonal(model, *DIGITS, "cross_entropy")
-    # inside the wrapper the ReLU pair; 1|3.inner.0 and 3.inner.2|5 would cross the skip: none
-    assert kinds(laws) == [("rescale", "3.inner.0|3.inner.2", 3), ("translation", "5", 6)]
+    # inside the wrapper the ReLU pair; across the skip the stream's rescale law (writers 1 and 3.inner.2, readers 3.inner.0 and 5)
+    assert kinds(laws) == [("rescale", "1+3.inner.2|3.inner.0|5", 5), ("rescale", "3.inner.0|3.inner.2", 3), ("translation", "5", 6)]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -227,10 +254,10 @@ def test_counts_and_complete(case, build, X, expected):
 
 def test_count_finds_what_detection_misses_and_gives_bounds_for_large_models():
     torch.manual_seed(0)
-    # a residual MLP has a rescale law per unit of its residual stream (across the skips): not detected
+    # a residual MLP has a rescale law per unit of its residual stream (across the skips): detected too
     model = models.resnet.residual_mlp(depth=2, width=4, hidden=3)
     result = count(model, DIGITS[0], "cross_entropy")
-    assert (result.n_laws, result.n_known, result.complete) == (3 + 3 + 5 + 4, 3 + 3 + 5, False)
+    assert (result.n_laws, result.n_known, result.complete) == (3 + 3 + 5 + 4, 3 + 3 + 5 + 4, True)
     # too many parameters: no brackets, the bounds and a warning
     with pytest.warns(UserWarning, match="bounds only"):
         bounds = fs.laws.count(models.attention.layer(d_model=4, heads=2), torch.randn(8, 3, 4), loss="mse", max_params=10)

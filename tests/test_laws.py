@@ -53,8 +53,10 @@ def test_vgg_laws_with_and_without_batchnorm():
     bn = fs.laws.detect(models.cnn.vgg(depth=2, width=3, batch_norm=True))
     assert kinds(bn) == [
         ("scale", "features.conv1", 3),
+        ("translation", "features.conv1", 3),  # a conv bias before a BatchNorm: each entry conserved
         ("rescale", "features.bn1|features.conv2", 3),
         ("scale", "features.conv2", 3),
+        ("translation", "features.conv2", 3),
         ("rescale", "features.bn2|classifier.fc", 3),
         ("translation", "classifier.fc", 3 * 4 * 4 + 1),
     ]
@@ -128,11 +130,11 @@ def test_broken_symmetries_make_no_law():
     assert kinds(fs.laws.detect(BiasAfterReLU())) == [("translation", "fc2", 7)]
     # tanh is not positively homogeneous
     assert [law.kind for law in fs.laws.detect(models.mlp.mlp(activation="tanh"))] == ["translation"]
-    # a residual block keeps its inner law and gets none across the skip
+    # a residual block keeps its inner law, and its stream (written by inp and fc2, read by fc1 and out) has its own
     X, y = data.digits(n_train=40)
     torch.manual_seed(0)
     laws = check_orthogonal(Residual(), X, y)
-    assert kinds(laws) == [("rescale", "fc1|fc2", 6), ("translation", "out", 7)]
+    assert kinds(laws) == [("rescale", "inp+fc2|fc1|out", 6), ("rescale", "fc1|fc2", 6), ("translation", "out", 7)]
 
 
 def test_a_model_that_cannot_be_traced_is_a_model_error():

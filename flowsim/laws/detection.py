@@ -19,9 +19,16 @@ symmetry being followed:
   A @ v product confines the mixing to the units of one slice (one head);
 - ReLU, leaky ReLU and max-pooling commute only with a positive scaling per unit.
 
-Anything else (an added tensor, a residual add, tanh, softmax, an unknown function) stops the
-walk: no law is made through it, so residual blocks keep the laws inside them and none across
-their skips. The walk ends where the units are absorbed:
+- a residual add x + y of two tensors of one shape is a *merge*: the walk goes on past it
+  (once per source) and records which operand it reached. Sources whose walks meet at adds
+  are one residual stream's *writers*, the layers their walks reach its *readers*: where both
+  operands of every add are reached with the same unit map, and the stream ends in layers
+  only, the writers scaled per unit and the readers scaled back is a symmetry: **rescale**
+  Σ_w |W_w[j]|² + b_w[j]² − Σ_r |W_r[:, j]|² (and the matrix law, **linear**, where every
+  path is linear). An operand nobody writes (the model's input) leaves the add without a law.
+
+Anything else (an add with a constant or a broadcast, tanh, softmax, an unknown function)
+stops the walk: no law is made through it. The walk ends where the units are absorbed:
 
 - a Linear / Conv / attention input map consuming them → **rescale** (|W_P[j]|² + b_P[j]² −
   Σ_C |W_C[:, j]|²) and, where the whole path is linear and the source a Linear/Conv/Embedding,
@@ -37,6 +44,22 @@ their skips. The walk ends where the units are absorbed:
   order eps/Var: they are marked ``exact=False``;
 - the model's output, when the loss is a softmax cross-entropy → **translation**: the logits
   can be shifted together, so each column sum Σ_k W[k, j] and Σ_k b[k] is conserved.
+
+**Shifts.** A second walk follows a *shift* of a value written by a parameter, through data
+movement, adds and identities, to the readers that ignore it: a LayerNorm ignores a shift
+constant over its normalised axes, a BatchNorm (training mode) or InstanceNorm one constant
+over the axes it averages, a softmax cross-entropy output one constant over the classes. A
+shift that every reader ignores conserves a **translation** law: each entry of a bias before
+a BatchNorm/InstanceNorm; the bias sum and each weight column's sum (Σ_j W[j, k]) of a Linear,
+each row sum of an Embedding or of a Parameter added to the stream (positions), in a stream
+read only by LayerNorms (a pre-norm transformer). Shifts of two writers that reach the same
+values, the same number of times and with the units in the same places, cancel: the
+difference of their bias sums (Σ b_o − Σ b_fc2 in a pre-norm block) or, per unit, of their
+biases (b_conv2[j] − b_shortcut[j] in a ResNet block) is conserved.
+
+**Unreached parameters.** A parameter of a module never called, or whose output never
+reaches the model's output, has zero gradient: each entry is a **translation** law (tensors
+of at most two axes; none when a module of the graph is excluded, whose hook could read it).
 
 ``nn.MultiheadAttention`` is a leaf of the graph: its packed ``in_proj_weight`` is split into
 query, key and value thirds and each third into heads, which gives the same laws as the same
@@ -67,6 +90,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import operator
 import warnings
 from collections.abc import Iterator
@@ -128,6 +152,8 @@ REDUCE_METHODS = {"mean", "sum"}
 MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 MATMUL_METHODS = {"matmul", "bmm"}
 ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention}
+ADD_FUNCTIONS = {operator.add, torch.add}
+ADD_METHODS = {"add"}
 SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
 #: users that read a tensor's shape, dtype or device, not its values
 METADATA_METHODS = {"size", "dim", "ones_like", "zeros_like", "new_ones", "new_zeros", "new_empty", "new_full"}
@@ -429,6 +455,16 @@ class _Output:
 
 
 @dataclass(frozen=True)
+class _Merge:
+    """The units reach operand `position` (0 or 1) of a residual add x + y; the walk goes on
+    past it. A law across the add needs both operands carrying the same units, scaled alike."""
+
+    node: torch.fx.Node
+    position: int
+    flow: _Flow
+
+
+@dataclass(frozen=True)
 class _Contract:
     """The units are summed against another operand's: `pairs` (batch..., c) is the unit at
     each contracted position c of every slice; `side` "query" (left) or "key" (right)."""
@@ -465,6 +501,7 @@ class _Graph:
             self.shape_of = _shapes(self.gm, inputs)
         self.excluded = self._excluded_modules()
         self.exposed = self._exposed_parameters(model)
+        self.merged: set[torch.fx.Node] = set()  # the adds one source's walk has gone past
 
     # ------------------------------------------------------------------ graph facts
     def module(self, node: torch.fx.Node) -> nn.Module | None:
@@ -560,6 +597,8 @@ class _Graph:
             return self.product(node, user, flow, positions[0])
         if not method and target in ATTENTION_FUNCTIONS:
             return self.attention(node, user, flow, positions)
+        if (target in ADD_METHODS if method else target in ADD_FUNCTIONS) and positions in ([0], [1]):
+            return self.merge(node, user, flow, positions[0])
         raise _Stop(f"{user.name} ({target}) does not commute with the symmetry")
 
     def follow_module(self, node, user, module: nn.Module, flow: _Flow, positions: list) -> list:
@@ -590,6 +629,20 @@ class _Graph:
         if type(module) in POOL_MODULES:
             return self.pooled(user, flow, *POOL_MODULES[type(module)])
         raise _Stop(f"{user.target} ({type(module).__name__}) does not commute with the symmetry")
+
+    def merge(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow, position: int) -> list:
+        """A residual add x + y: a _Merge end, and the walk goes on past the add once per source
+        (a second arrival, through the other operand, only records its _Merge)."""
+        other = user.args[1 - position]
+        if len(user.args) != 2 or user.kwargs or not isinstance(other, torch.fx.Node):
+            raise _Stop(f"{user.name}: an add of something else than two tensors")
+        if not (self.shape(node) == self.shape(other) == self.shape(user)):
+            raise _Stop(f"{user.name}: an add that broadcasts")
+        end = _Merge(user, position, flow)
+        if user in self.merged:
+            return [end]
+        self.merged.add(user)
+        return [end, *self.walk(user, flow)]
 
     # ------------------------------------------------------------------ unit maps through ops
     def moved(self, node: torch.fx.Node, user: torch.fx.Node, units: Tensor) -> Tensor:
@@ -905,6 +958,291 @@ def _law_from_ends(source: _Source, ends: list, loss: str, graph: _Graph) -> lis
     return []
 
 
+# ------------------------------------------------------------------------------------ residual streams
+def _stream_laws(graph: _Graph, walks: list[tuple[_Source, list]]) -> list[tuple[_Source, Law]]:
+    """The laws of residual streams: the sources whose walks meet at adds are the stream's
+    writers, scaled (or mixed) together; the layers their walks reach are its readers."""
+    parent = list(range(len(walks)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[torch.fx.Node, int] = {}
+    for i, (_, ends) in enumerate(walks):
+        for end in ends:
+            if isinstance(end, _Merge):
+                j = first.setdefault(end.node, i)
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(walks)):
+        groups.setdefault(root(i), []).append(i)
+    laws = []
+    for members in groups.values():
+        with contextlib.suppress(_Stop):
+            laws += _stream_group_laws([walks[i] for i in members])
+    return laws
+
+
+def _stream_group_laws(walks: list[tuple[_Source, list]]) -> list[tuple[_Source, Law]]:
+    sources = [s for s, _ in walks]
+    units = sources[0].units
+    if any(s.units != units for s in sources) or len({s.name for s in sources}) != len(sources):
+        raise _Stop("writers of different widths")
+    merges = [e for _, ends in walks for e in ends if isinstance(e, _Merge)]
+    arrivals: dict[torch.fx.Node, dict[int, Tensor]] = {}
+    for m in merges:
+        seen = arrivals.setdefault(m.node, {})
+        if m.position in seen and not torch.equal(seen[m.position], m.flow.units):
+            raise _Stop("one operand reached with two unit maps")
+        seen[m.position] = m.flow.units
+    for node, seen in arrivals.items():
+        # both operands of every add must carry the stream's units, in the same places
+        if set(seen) != {0, 1} or not torch.equal(seen[0], seen[1]):
+            raise _Stop(f"{node.name}: an operand outside the stream")
+    readers: dict[torch.fx.Node, _Layer] = {}
+    for _, ends in walks:
+        for end in ends:
+            if isinstance(end, _Merge):
+                continue
+            if not isinstance(end, _Layer):
+                raise _Stop("the stream ends elsewhere than in layers")
+            known = readers.setdefault(end.node, end)
+            if not torch.equal(known.columns, end.columns) or known.rows != end.rows:
+                raise _Stop("one reader reached with two unit maps")
+    if not readers:
+        raise _Stop("a stream without readers")
+    flows = [m.flow for m in merges] + [e.flow for e in readers.values()]
+    general = all(s.general for s in sources) and all(f.general and not f.mixed and not bool(f.blocks.any()) for f in flows)
+    writer = _Source(
+        sources[0].node,
+        "+".join(s.name for s in sources),
+        units,
+        sources[0].axis,
+        tuple(t for s in sources for t in s.tensors),
+        general,
+    )
+    ends = list(readers.values())
+    if not general:
+        ends = [replace(e, flow=replace(e.flow, general=False)) for e in ends]
+    return [(sources[0], law) for law in _pair_law(writer, ends)]
+
+
+# ------------------------------------------------------------------------------------ shifts
+#: a shift pattern: "unit" (a number per unit), "uniform" (one number), "position" (a number
+#: per position, the same for every unit: what a shift of a weight's column makes)
+
+
+class _Shifts:
+    """A shift of a source's output, followed through adds and data movement to the
+    normalisations that absorb it (a normalisation subtracts its mean) or to a value where
+    it must cancel against other writers' shifts (`blocked`)."""
+
+    def __init__(self, graph: _Graph, loss: str) -> None:
+        self.graph, self.loss = graph, loss
+        self.blocked: list[tuple[torch.fx.Node, Tensor]] = []  # (value node, its shift map), per arrival
+        self.visits = 0
+
+    def walk(self, node: torch.fx.Node, ids: Tensor) -> None:
+        graph = self.graph
+        self.visits += 1
+        if self.visits > 2000:
+            raise _Stop("too many paths")
+        users = graph.value_users(node)
+        if not users:
+            raise _Stop(f"{node.name} is not used")
+        blocked = False
+        for user in users:
+            if user.op == "output":
+                if user.args[0] is not node:
+                    raise _Stop("part of a structured output")
+                # a softmax cross-entropy ignores a shift of all the logits of an example
+                blocked |= not (self.loss == "cross_entropy" and ids.ndim == 2 and _constant_along(ids, (1,)))
+                continue
+            if _nested(node, user):
+                raise _Stop(f"{user.name} takes {node.name} inside a container")
+            positions = [i for i, a in enumerate(user.args) if a is node] + [k for k, a in user.kwargs.items() if a is node]
+            module = graph.module(user)
+            if module is not None:
+                if user.target in graph.excluded:
+                    raise _Stop(f"{user.target}: {graph.excluded[user.target]}")
+                if positions != [0] or len(user.args) != 1 or user.kwargs:
+                    blocked = True
+                elif isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0):
+                    self.walk(user, ids)
+                elif isinstance(module, nn.Flatten):
+                    self.walk(user, ids.reshape(graph.shape(user)))
+                elif isinstance(module, nn.LayerNorm):
+                    blocked |= not _constant_along(ids, tuple(range(-len(module.normalized_shape), 0)))
+                elif isinstance(module, _NormBase) and ids.ndim >= 2:
+                    instance = isinstance(module, nn.modules.instancenorm._InstanceNorm)
+                    if instance and ids.ndim < 3:
+                        raise _Stop("an unbatched instance norm")
+                    dims = tuple(range(2, ids.ndim)) if instance else (0, *range(2, ids.ndim))
+                    blocked |= not _constant_along(ids, dims)
+                else:
+                    blocked = True
+                continue
+            if user.op not in ("call_function", "call_method"):
+                raise _Stop(f"{user.name}: {user.op}")
+            target, method = user.target, user.op == "call_method"
+            if positions == [0] and (target in MOVE_METHODS if method else target in MOVE_FUNCTIONS or _is_move_attribute(user)):
+                self.walk(user, graph.moved(node, user, ids))
+            elif positions == [0] and (target in RESHAPE_METHODS if method else target in RESHAPE_FUNCTIONS):
+                self.walk(user, ids.reshape(graph.shape(user)))
+            elif (target in ADD_METHODS if method else target in ADD_FUNCTIONS) and positions in ([0], [1]):
+                if len(user.args) != 2 or user.kwargs:
+                    raise _Stop(f"{user.name}: an add with options")
+                shape = graph.shape(user)
+                if torch.broadcast_shapes(ids.shape, shape) != shape:
+                    raise _Stop(f"{user.name}: unexpected shape")
+                self.walk(user, torch.broadcast_to(ids, shape))
+            else:
+                blocked = True
+        if blocked:
+            self.blocked.append((node, ids))
+
+
+def _shift_writers(graph: _Graph) -> Iterator[tuple[torch.fx.Node, str, list[tuple[str, Tensor, Term, str]]]]:
+    """Each node that writes a shiftable parameter into a value, with its shifts: (pattern,
+    the shift's unit map over the node's value, the law's term, component label prefix)."""
+    for node in graph.gm.graph.nodes:
+        module = graph.module(node)
+        if node.op == "get_attr":
+            value = operator.attrgetter(node.target)(graph.gm)
+            if not isinstance(value, nn.Parameter) or value.ndim not in (1, 2):
+                continue
+            users = graph.value_users(node)
+            if not users or any(
+                not ((u.op == "call_method" and u.target in ADD_METHODS) or (u.op == "call_function" and u.target in ADD_FUNCTIONS))
+                for u in users
+            ):
+                continue
+            name = node.target
+            if value.ndim == 1:
+                n = value.shape[0]
+                shifts = [
+                    ("unit", torch.arange(n), Term(name, "sum", units=n), "entry"),
+                    ("uniform", torch.zeros(n, dtype=torch.long), Term(name, "sum", units=1), "sum"),
+                ]
+            else:
+                rows = torch.arange(value.shape[0]).unsqueeze(1).expand(value.shape)
+                shifts = [("position", rows, Term(name, "sum", axis=0, units=value.shape[0]), "row")]
+            yield node, name, shifts
+            continue
+        if module is None or node.target in graph.excluded:
+            continue
+        try:
+            shape = graph.shape(node)
+        except _Stop:
+            continue
+        name, shifts = node.target, []
+        bias = getattr(module, "bias", None)
+        axis = None
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1):
+            axis = len(shape) - 1
+        elif isinstance(module, (*CONVS, _NormBase)) and len(shape) >= 2:
+            axis = 1
+        if axis is not None and isinstance(bias, nn.Parameter) and shape[axis] == bias.shape[0]:
+            view = [1] * len(shape)
+            view[axis] = shape[axis]
+            units = torch.arange(shape[axis]).reshape(view).expand(shape)
+            bias_name = _prefixed(name, "bias")
+            shifts += [
+                ("unit", units, Term(bias_name, "sum", units=shape[axis]), "bias"),
+                ("uniform", torch.zeros(shape, dtype=torch.long), Term(bias_name, "sum", units=1), "bias sum"),
+            ]
+        positions = torch.arange(math.prod(shape[:-1])).reshape(*shape[:-1], 1).expand(shape) if shape else None
+        if isinstance(module, nn.Linear):
+            shifts.append(("position", positions, Term(_prefixed(name, "weight"), "sum", axis=1, units=module.in_features), "col"))
+        elif isinstance(module, nn.Embedding) and module.max_norm is None and shape[-1] == module.embedding_dim:
+            shifts.append(("position", positions, Term(_prefixed(name, "weight"), "sum", axis=0, units=module.num_embeddings), "row"))
+        if shifts:
+            yield node, name, shifts
+
+
+def _shift_laws(graph: _Graph, loss: str) -> list[tuple[torch.fx.Node, Law]]:
+    """translation laws of parameters whose shift every reader ignores: a bias before a
+    BatchNorm/InstanceNorm (each entry), the biases and weight columns written into a stream
+    read only by LayerNorms (or by a softmax cross-entropy), and differences of biases whose
+    shifts cancel where they meet anything else (Σ b_o − Σ b_fc2 in a pre-norm block; b[j] of
+    a block's last layer − b[j] of its shortcut, per unit)."""
+    laws: list[tuple[torch.fx.Node, Law]] = []
+    cancelling: dict[str, dict[tuple, list[tuple[torch.fx.Node, str, Term, str]]]] = {"unit": {}, "uniform": {}}
+    for node, name, shifts in _shift_writers(graph):
+        free_units = False
+        for pattern, ids, term, label in shifts:
+            if pattern == "uniform" and free_units:
+                continue
+            walker = _Shifts(graph, loss)
+            try:
+                walker.walk(node, ids)
+            except _Stop:
+                continue
+            if walker.blocked:
+                if pattern in cancelling:
+                    # where the shift must cancel: each value, how often, and where each unit sits there
+                    signature = tuple(sorted((n.name, tuple(m.shape), tuple(m.flatten().tolist())) for n, m in walker.blocked))
+                    cancelling[pattern].setdefault(signature, []).append((node, name, term, label))
+                continue
+            free_units |= pattern == "unit"
+            n = term.units
+            components = (label,) if n == 1 else tuple(f"{label} {j}" for j in range(n))
+            laws.append((node, Law("translation", name, ((term,),), components)))
+    # writers whose shifts reach the same values, the same units in the same places, cancel in pairs
+    paired: set[str] = set()
+    for pattern in ("unit", "uniform"):
+        for members in cancelling[pattern].values():
+            members = [m for m in members if m[1] not in paired]
+            for (node, name, term, label), (_, other, other_term, _) in zip(members, members[1:]):
+                group = (term, replace(other_term, sign=-1))
+                n = term.units
+                components = (f"{label} difference",) if n == 1 else tuple(f"{label} {j} difference" for j in range(n))
+                laws.append((node, Law("translation", f"{name}-{other}", (group,), components)))
+            if pattern == "unit" and len(members) > 1:
+                paired.update(m[1] for m in members)
+    return laws
+
+
+def _unreached_laws(graph: _Graph, model: nn.Module) -> list[Law]:
+    """Each entry of a parameter the loss never reaches (its gradient is zero): a module that
+    is never called, or whose output never reaches the model's output. Only where the graph
+    shows everything (no hooked or opaque module) and for tensors of at most two axes."""
+    if graph.excluded:
+        return []
+    reaches: set[torch.fx.Node] = set()
+    for node in reversed(graph.gm.graph.nodes):
+        if node.op == "output" or any(u in reaches for u in node.users):
+            reaches.add(node)
+    used: dict[int, bool] = {}
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_module":
+            params = list(graph.modules[node.target].parameters())
+        elif node.op == "get_attr":
+            value = operator.attrgetter(node.target)(graph.gm)
+            params = [value] if isinstance(value, nn.Parameter) else list(value.parameters()) if isinstance(value, nn.Module) else []
+        else:
+            continue
+        for p in params:
+            used[id(p)] = used.get(id(p), False) or node in reaches
+    laws = []
+    for name, p in model.named_parameters():
+        if used.get(id(p), False) or not p.requires_grad or p.ndim > 2 or p.numel() == 0:
+            continue
+        if p.ndim <= 1:
+            n = max(p.numel(), 1)
+            terms = ((Term(name, "sum", units=n),),)
+            components = tuple(f"entry {j}" for j in range(n))
+        else:
+            rows, cols = p.shape
+            terms = tuple((Term(name, "sum", axis=1, units=cols, part=(0, i, i + 1)),) for i in range(rows))
+            components = tuple(f"entry ({i},{j})" for i in range(rows) for j in range(cols))
+        laws.append(Law("translation", name, terms, components))
+    return laws
+
+
 def _sources(graph: _Graph) -> Iterator[_Source]:
     for node in graph.gm.graph.nodes:
         module = graph.module(node)
@@ -977,13 +1315,18 @@ def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None 
     found: list[tuple[int, Law]] = []
     order = {node: i for i, node in enumerate(graph.gm.graph.nodes)}
     contractions: dict[torch.fx.Node, list[tuple[_Source, _Contract]]] = {}
+    streams: list[tuple[_Source, list]] = []
     for source in _sources(graph):
+        graph.merged = set()
         try:
             ends = graph.walk(source.node, _unit_map(graph, source))
         except _Stop:
             continue
         if len(ends) == 1 and isinstance(ends[0], _Contract):
             contractions.setdefault(ends[0].node, []).append((source, ends[0]))
+            continue
+        if any(isinstance(e, _Merge) for e in ends):
+            streams.append((source, ends))
             continue
         with contextlib.suppress(_Stop):
             found += [(order[source.node], law) for law in _law_from_ends(source, ends, loss, graph)]
@@ -1003,8 +1346,26 @@ def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None 
         module = graph.module(node)
         if isinstance(module, nn.MultiheadAttention) and node.target not in graph.excluded:
             found += [(order[node], law) for law in _attention_module_laws(node.target, module, trainable)]
+    found += [(order[source.node], law) for source, law in _stream_laws(graph, streams)]
+    # translations: a group of terms already conserved (the logits' translation of the head) is not repeated
+    known = {group for _, law in found if law.kind == "translation" for group in law.groups}
+    for node, law in _shift_laws(graph, loss):
+        keep = [(g, c) for g, c in zip(law.groups, _group_components(law)) if g not in known]
+        if keep:
+            known.update(g for g, _ in keep)
+            found.append((order[node], replace(law, groups=tuple(g for g, _ in keep), components=tuple(c for _, cs in keep for c in cs))))
     laws = [law for _, law in sorted(found, key=lambda pair: pair[0])]
+    laws += _unreached_laws(graph, model)
     return [law for law in laws if set(law.parameters) <= trainable - graph.exposed.keys()]
+
+
+def _group_components(law: Law) -> list[tuple[str, ...]]:
+    """The component labels of each group of `law`."""
+    out, start = [], 0
+    for group in law.groups:
+        out.append(law.components[start : start + group[0].size])
+        start += group[0].size
+    return out
 
 
 __all__ = ["detect"]
