@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import xarray as xr
+
+from .errors import ConfigError, bad_value
+
+
+def check_figure_path(path: str | os.PathLike) -> Path:
+    """The path a figure is saved to, refused (ConfigError naming ``plot.output``) unless its
+    folder exists and is writable and its extension is a format matplotlib writes."""
+    from matplotlib.figure import Figure
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise bad_value("plot.output", path, "a file path (str)")
+    path = Path(path)
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(f"plot.output: got {str(path)!r}; expected a path ending in one of .{', .'.join(formats)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"plot.output: got {str(path)!r}; the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK) or path.is_dir():
+        raise ConfigError(f"plot.output: got {str(path)!r}; expected a file that can be written in {str(folder)!r}")
+    return path
 
 
 @xr.register_dataset_accessor("flowsim")
@@ -61,10 +85,14 @@ class FlowsimAccessor:
     def plot(self, path=None):
         """Loss and each law kind's relative drift over time, one panel each; saved to `path`
         if given. A ``theory`` variable (``flowsim.theory.predict``) is drawn over the drift as
-        dashed lines, (theory − Q(0)) / scale. Returns the matplotlib Figure."""
+        dashed lines, (theory − Q(0)) / scale. Returns the matplotlib Figure.
+
+        **Raises** ConfigError naming ``plot.output`` for a path that cannot be written as a
+        figure (``check_figure_path``), before anything is drawn."""
         import matplotlib
 
         if path is not None:
+            path = check_figure_path(path)
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 

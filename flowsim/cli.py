@@ -66,8 +66,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from .accessor import check_figure_path
     from .record import open_record
 
+    check_figure_path(args.output)
     ds = open_record(args.run)
     if args.theory:
         from .theory import predict
@@ -119,8 +121,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _laws(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .errors import check_seed
     from .laws import count, detect
 
+    check_seed("laws.seed", args.seed)
     problem = load_config(args.config).problem
     laws = detect(problem.model, loss=problem.loss_kind, inputs=problem.X[:2])
     width = max([len(law.site) for law in laws] + [4])
@@ -195,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except FlowsimError as exc:
-        print(f"flowsim: error: {exc}", file=sys.stderr)
+    except FlowsimError as exc:  # one line, even where the message quotes a multi-line error
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"flowsim: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("flowsim: interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, FlowsimError, bad_value
+from .errors import ConfigError, FlowsimError, bad_value, check_seed
 
 SECTIONS = ("model", "data", "problem", "dynamics", "integrator", "run")
 PROBLEM_KEYS = ("loss", "weight_decay", "chunk_size")
@@ -67,8 +67,9 @@ def _call_with(fn: Callable, section: str, args: Mapping[str, Any]) -> Any:
         return fn(**args)
     except FlowsimError:
         raise
-    except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise ConfigError(f"{section}: {fn.__name__} refused {dict(args)} ({type(exc).__name__}: {exc})") from exc
+    except (TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
+        why = next(iter(str(exc).strip().splitlines()), "")  # torch's messages go on with a C++ trace
+        raise ConfigError(f"{section}: {fn.__name__} refused {dict(args)} ({type(exc).__name__}: {why})") from exc
 
 
 def _check_like_default(field: str, value: Any, default: Any) -> None:
@@ -121,7 +122,8 @@ def _data_shaped_arguments(
 
 
 def load_config(source: str | os.PathLike, **run_overrides: Any) -> RunConfig:
-    """Parse and validate a TOML config (a path, or the TOML text itself) and build its objects.
+    """Parse and validate a TOML config (a path, or the TOML text itself: a string with a line
+    break or starting with "[") and build its objects.
 
     Every key is checked before anything runs; an error names the section and key."""
     from flowsim import data as data_module
@@ -130,13 +132,22 @@ def load_config(source: str | os.PathLike, **run_overrides: Any) -> RunConfig:
     from flowsim.integrators import INTEGRATORS
     from flowsim.problem import Problem
 
-    path = Path(source) if not str(source).lstrip().startswith("[") else None
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config: {str(path)!r} is not a file")
-        text = path.read_text()
+    if not isinstance(source, (str, os.PathLike)) or source == "":
+        raise bad_value("config", source, "a path to a TOML file, or TOML text")
+    if isinstance(source, str) and ("\n" in source or source.lstrip().startswith("[")):
+        text = source
     else:
-        text = str(source)
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8") if path.is_file() else None
+        except UnicodeDecodeError as exc:
+            why = f"{exc.reason} at byte {exc.start}"
+            raise ConfigError(f"config: {str(path)!r} is not UTF-8 text ({why}); expected a TOML file") from exc
+        except (OSError, ValueError) as exc:  # unreadable, a name too long, a NUL in it
+            why = getattr(exc, "strerror", None) or exc
+            raise ConfigError(f"config: {str(path)[:200]!r} cannot be read ({why}); expected a readable TOML file") from exc
+        if text is None:
+            raise ConfigError(f"config: {str(path)!r} is not a file")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -160,6 +171,8 @@ def load_config(source: str | os.PathLike, **run_overrides: Any) -> RunConfig:
     for key in ("t1", "save_every"):
         if key not in run:
             raise ConfigError(f"run.{key}: missing")
+    if "seed" in run:
+        run["seed"] = check_seed("run.seed", run["seed"])
 
     # objects that are cheap and checked by their own constructors come first
     dynamics_cls, dynamics_args = _named("dynamics", raw["dynamics"], DYNAMICS)
@@ -178,9 +191,8 @@ def load_config(source: str | os.PathLike, **run_overrides: Any) -> RunConfig:
     model_args = dict(raw["model"])
     factory = models.factory(model_args.pop("name", None))
     model_args = _data_shaped_arguments(factory, model_args, X, y, loss)
-    seed = run.get("seed", 0)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else 0)
+        torch.manual_seed(run.get("seed", 0))
         model = _call_with(factory, "model", model_args)
 
     def problem_from(loss: str = "cross_entropy", weight_decay: float = 0.0, chunk_size: int | None = None) -> Problem:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, bad_value, check_number
+from .errors import ConfigError, bad_value, check_field
 from .problem import Problem
 
 
@@ -144,10 +144,25 @@ class ModifiedFlow(ContinuousDynamics):
     lr: float
 
     def __post_init__(self) -> None:
-        check_number("dynamics.lr", self.lr, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "dynamics", "lr", minimum=0.0, exclusive_minimum=True)
 
     def derivative(self, problem: Problem, t: Tensor, y: Tensor) -> Tensor:
         return _modified_gradient(problem, y, 0.5 * self.lr).neg_()
+
+
+#: why momentum β and dampening d stay below 1
+_BELOW_ONE = {
+    "momentum": "at β = 1 nothing damps the velocity and the heavy-ball flow is singular",
+    "dampening": "at d = 1 a step advances the time t = kη(1−d) by nothing",
+}
+
+
+def _check_momentum(dynamics: Dynamics) -> None:
+    """β (``momentum``) and d (``dampening``) in [0, 1)."""
+    for name, why in _BELOW_ONE.items():
+        check_field(dynamics, "dynamics", name)
+        if not 0.0 <= getattr(dynamics, name) < 1.0:
+            raise bad_value(f"dynamics.{name}", getattr(dynamics, name), f"a number in [0, 1) ({why})")
 
 
 MOMENTUM_STARTS = ("rest", "matched")
@@ -200,13 +215,8 @@ class MomentumFlow(SemilinearDynamics):
     form: str = "second_order"
 
     def __post_init__(self) -> None:
-        check_number("dynamics.lr", self.lr, minimum=0.0, exclusive_minimum=True)
-        check_number("dynamics.momentum", self.momentum, minimum=0.0)
-        if self.momentum >= 1.0:
-            raise ConfigError(f"dynamics.momentum: got {self.momentum}; expected a number in [0, 1)")
-        check_number("dynamics.dampening", self.dampening, minimum=0.0)
-        if self.dampening >= 1.0:
-            raise ConfigError(f"dynamics.dampening: got {self.dampening}; expected a number in [0, 1)")
+        check_field(self, "dynamics", "lr", minimum=0.0, exclusive_minimum=True)
+        _check_momentum(self)
         if self.start not in MOMENTUM_STARTS:
             raise ConfigError(f"dynamics.start: got {self.start!r}; expected one of {', '.join(MOMENTUM_STARTS)}")
         if self.form not in MOMENTUM_FORMS:
@@ -319,13 +329,10 @@ class DiscreteSGD(Dynamics):
     continuous: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_number("dynamics.lr", self.lr, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "dynamics", "lr", minimum=0.0, exclusive_minimum=True)
         if self.batch_size is not None:
-            check_number("dynamics.batch_size", self.batch_size, integer=True, minimum=1)
-        check_number("dynamics.momentum", self.momentum, minimum=0.0, maximum=1.0)
-        check_number("dynamics.dampening", self.dampening, minimum=0.0, maximum=1.0)
-        if self.dampening >= 1.0:
-            raise ConfigError(f"dynamics.dampening: got {self.dampening}; expected a number in [0, 1)")
+            check_field(self, "dynamics", "batch_size", integer=True, minimum=1)
+        _check_momentum(self)
         if not isinstance(self.nesterov, bool):
             raise ConfigError(f"dynamics.nesterov: got {self.nesterov!r}; expected true or false")
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
@@ -432,9 +439,9 @@ class SGDNoise(Dynamics):
     kind: ClassVar[str] = "sde"
 
     def __post_init__(self) -> None:
-        check_number("dynamics.lr", self.lr, minimum=0.0, exclusive_minimum=True)
-        check_number("dynamics.batch_size", self.batch_size, integer=True, minimum=1)
-        check_number("dynamics.paths", self.paths, integer=True, minimum=1)
+        check_field(self, "dynamics", "lr", minimum=0.0, exclusive_minimum=True)
+        check_field(self, "dynamics", "batch_size", integer=True, minimum=1)
+        check_field(self, "dynamics", "paths", integer=True, minimum=1)
         if self.drift not in DRIFTS:
             raise bad_value("dynamics.drift", self.drift, f"one of {', '.join(DRIFTS)}")
         if self.noise not in NOISES:

@@ -7,7 +7,11 @@ line and exits with status 2.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
+
+#: the largest seed: seeds are 64-bit signed integers (torch.manual_seed, numpy, the checkpoints)
+MAX_SEED = 2**63 - 1
 
 
 class FlowsimError(Exception):
@@ -45,12 +49,15 @@ def check_number(
     exclusive_minimum: bool = False,
     cls: type[FlowsimError] = ConfigError,
 ) -> Any:
-    """Return `value` as int or float if it is a finite number in range, else raise `cls`."""
+    """Return `value` as a plain int or float if it is a finite number in range (Python's or
+    numpy's: any ``numbers.Integral`` or ``numbers.Real`` but a bool), else raise `cls`."""
     kind = "an integer" if integer else "a finite number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
         raise bad_value(field, value, kind, cls)
-    value = int(value) if integer else float(value)
+    try:
+        value = int(value) if integer else float(value)
+    except OverflowError:  # an int too large for a float
+        raise bad_value(field, value, kind, cls) from None
     if value != value or value in (float("inf"), float("-inf")):
         raise bad_value(field, value, kind, cls)
     if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
@@ -58,6 +65,19 @@ def check_number(
     if maximum is not None and value > maximum:
         raise bad_value(field, value, f"{kind} <= {maximum}", cls)
     return value
+
+
+def check_field(obj: Any, section: str, name: str, **limits: Any) -> None:
+    """check_number on the field `name` of a (frozen) dataclass, which then holds the plain
+    int or float (so a numpy scalar never reaches its description, coords or TOML)."""
+    object.__setattr__(obj, name, check_number(f"{section}.{name}", getattr(obj, name), **limits))
+
+
+def check_seed(field: str, value: Any, cls: type[FlowsimError] = ConfigError) -> int:
+    """Return `value` as a plain int if it is a seed, an integer in 0 … 2**63 − 1, else raise `cls`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_SEED:
+        raise bad_value(field, value, "an integer in 0 … 2**63 − 1", cls)
+    return int(value)
 
 
 class IntegrationError(FlowsimError, RuntimeError):

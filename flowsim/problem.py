@@ -135,7 +135,7 @@ class Problem:
         self.weight_decay = weight_decay
         self.batch_coupled = any(isinstance(m, _NormBase) for m in model.modules())
         if chunk_size is not None:
-            check_number("problem.chunk_size", chunk_size, integer=True, minimum=1)
+            chunk_size = check_number("problem.chunk_size", chunk_size, integer=True, minimum=1)
             if self.batch_coupled:
                 raise ModelError(
                     f"problem.chunk_size: got {chunk_size}; a model with BatchNorm couples the examples of a "
@@ -146,6 +146,7 @@ class Problem:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ModelError("model: has no trainable parameters")
+        self.check_parameters()
         self.names = tuple(n for n, _ in named)
         self.shapes = tuple(p.shape for _, p in named)
         self.sizes = tuple(p.numel() for _, p in named)
@@ -159,6 +160,21 @@ class Problem:
         self._check_targets()
 
     # ----------------------------------------------------------------------------- set-up
+    def check_parameters(self) -> None:
+        """Raise ModelError if a parameter of the model has no values (the meta device) or
+        non-finite ones: a run would start diverged. ``simulate`` checks again, since the
+        model's parameters may have changed since the problem was built."""
+        for name, p in self.model.named_parameters():
+            if p.device.type == "meta":
+                raise ModelError(
+                    f"model: parameter {name!r} is on the meta device (shape only, no values); "
+                    "expected parameters with values (model.to_empty(device=...), then initialise them)"
+                )
+            bad = int(p.numel() - torch.isfinite(p.detach()).sum())
+            if bad:
+                entries = "entry" if bad == 1 else "entries"
+                raise ModelError(f"model: parameter {name!r} has {bad} non-finite {entries}; expected finite initial parameters")
+
     def _check_data(self, data: Any) -> tuple[Tensor, Tensor]:
         if not isinstance(data, Sequence) or len(data) != 2:
             raise bad_value("data", type(data).__name__, "a pair (X, y) of tensors", DataError)

@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from .config import to_toml
 from .dynamics import Dynamics
 from .ensemble import check_ensemble, check_member_seeds, ensemble_start
-from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, RecordError, bad_value, check_flag, check_number
+from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, RecordError, bad_value, check_flag, check_number, check_seed
 from .integrators import Integrator, SaveGrid
 from .laws import Law, LawSet, detect
 from .problem import Problem
@@ -55,13 +55,15 @@ def check_device(device: torch.device | str) -> torch.device:
         raise ConfigError(f"run.device: got {str(device)!r} but MPS is not available; use 'cpu'")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"run.device: got {str(device)!r}; expected 'cpu', 'cuda' or 'mps'")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ConfigError(f"run.device: got {str(device)!r}; expected 'cpu' (torch has one CPU device, cpu:0)")
     return device
 
 
 def save_grid(dynamics: Dynamics, t1: float, save_every: float) -> SaveGrid:
     """Save times 0, save_every, 2·save_every, … up to t1 (t1 included). For discrete dynamics
-    every time is a whole number of steps Δt = η(1−d): t1 → ⌊t1/Δt⌋ steps, save_every → the
-    nearest whole number of steps."""
+    every time is a whole number of steps Δt = η(1−d): t1 → ⌊t1/Δt⌋ steps, and save_every must
+    be a whole number of steps (to a relative 1e-9; ConfigError otherwise)."""
     t1 = check_number("run.t1", t1, minimum=0.0, exclusive_minimum=True)
     save_every = check_number("run.save_every", save_every, minimum=0.0, exclusive_minimum=True)
     if save_every > t1:
@@ -81,9 +83,14 @@ def save_grid(dynamics: Dynamics, t1: float, save_every: float) -> SaveGrid:
     n_steps = math.floor(t1 / dt + 1e-9)
     if n_steps < 1:
         raise ConfigError(f"run.t1: got {t1:g}; expected at least one SGD step of Δt = lr·(1−dampening) = {dt:g}")
-    stride = round(save_every / dt)
-    if stride < 1 or abs(stride * dt - save_every) > 0.5 * dt:
-        raise ConfigError(f"run.save_every: got {save_every:g}; expected at least one SGD step, Δt = {dt:g}")
+    ratio = save_every / dt
+    stride = round(ratio)
+    if stride < 1 or abs(stride - ratio) > 1e-9 * ratio:
+        nearest = ", ".join(f"{k * dt:.12g}" for k in dict.fromkeys((math.floor(ratio), math.ceil(ratio))) if k >= 1)
+        raise ConfigError(
+            f"run.save_every: got {save_every:.12g}; expected a whole number of SGD steps of "
+            f"Δt = lr·(1−dampening) = {dt:.12g}, the nearest being {nearest}"
+        )
     steps = list(range(0, n_steps + 1, stride))
     if steps[-1] != n_steps:
         steps.append(n_steps)
@@ -175,18 +182,22 @@ def simulate(
     if not isinstance(integrator, Integrator):
         raise ConfigError(f"integrator: got {type(integrator).__name__}; expected a flowsim integrator")
     device, dtype = check_device(device), check_dtype(dtype)
-    seed = check_number("run.seed", seed, integer=True, minimum=0)
+    seed = check_seed("run.seed", seed)
     observe = check_observe(observe)
     overwrite, resume, progress = (check_flag(f"run.{k}", v) for k, v in (("overwrite", overwrite), ("resume", resume), ("progress", progress)))
     checkpoint_every = check_number("run.checkpoint_every", checkpoint_every, minimum=0.0)
     if config is not None and not isinstance(config, str):
         raise bad_value("config", type(config).__name__, "the run's TOML text (str) or None")
     out_path = check_output_path(out, resume=resume, overwrite=overwrite)
+    t1 = check_number("run.t1", t1, minimum=0.0, exclusive_minimum=True)
+    save_every = check_number("run.save_every", save_every, minimum=0.0, exclusive_minimum=True)
     grid = save_grid(dynamics, t1, save_every)
     integrator.check(dynamics, dtype)
     dynamics.check(problem)
     integrator.check_problem(dynamics, problem)
     integrator.check_device(device)
+    integrator.check_grid(grid)
+    problem.check_parameters()
     ensemble = check_ensemble(ensemble, dynamics, problem)
     member_seeds = check_member_seeds(member_seeds, ensemble)
 

@@ -62,6 +62,17 @@ class SavePoint:
     checkpoint: dict[str, Any] | None = None
 
 
+def check_fixed_step(field: str, step: float | None, grid: SaveGrid, why: str) -> None:
+    """Raise ConfigError if a fixed step (`field`: integrator.step_size or integrator.dt) is
+    longer than the longest save interval of `grid`; `why` says what that step would become."""
+    interval = max((b - a for a, b in zip(grid.times, grid.times[1:])), default=0.0)
+    if step is not None and interval and step > interval * (1 + 1e-9):
+        raise ConfigError(
+            f"{field}: got {step:g}; expected at most the save interval {interval:g} ({why}); "
+            "take a smaller step or save less often"
+        )
+
+
 class Integrator(ABC):
     """HOW the dynamics move: yields a SavePoint at every time of the grid, in order."""
 
@@ -86,6 +97,10 @@ class Integrator(ABC):
 
     def check_device(self, device: torch.device) -> None:
         """Raise ConfigError if this integrator cannot run on `device`."""
+
+    def check_grid(self, grid: SaveGrid) -> None:
+        """Raise ConfigError if this integrator cannot save on `grid` as asked (a fixed step
+        longer than the save interval)."""
 
     @abstractmethod
     def solve(

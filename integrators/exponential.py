@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowsim.errors import ConfigError, IntegrationError, check_number
+from flowsim.errors import ConfigError, IntegrationError, check_field
 
-from .base import Integrator, SaveGrid, SavePoint
+from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 
 SAFETY, SHRINK_MIN, GROW_MAX = 0.9, 0.2, 5.0
 
@@ -217,12 +217,12 @@ class Exponential(Integrator):
     def __post_init__(self) -> None:
         if self.method not in TABLEAUS:
             raise ConfigError(f"integrator.method: got {self.method!r}; expected one of {', '.join(TABLEAUS)}")
-        check_number("integrator.rtol", self.rtol, minimum=0.0, exclusive_minimum=True)
-        check_number("integrator.atol", self.atol, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "rtol", minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "atol", minimum=0.0, exclusive_minimum=True)
         for name in ("step_size", "first_step"):
             if getattr(self, name) is not None:
-                check_number(f"integrator.{name}", getattr(self, name), minimum=0.0, exclusive_minimum=True)
-        check_number("integrator.max_steps", self.max_steps, integer=True, minimum=1)
+                check_field(self, "integrator", name, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "max_steps", integer=True, minimum=1)
 
     def check(self, dynamics, dtype: torch.dtype) -> None:
         super().check(dynamics, dtype)
@@ -232,6 +232,9 @@ class Exponential(Integrator):
                 "use dtype=torch.float64 for accuracy work",
                 stacklevel=3,
             )
+
+    def check_grid(self, grid: SaveGrid) -> None:
+        check_fixed_step("integrator.step_size", self.step_size, grid, "a longer step would be cut to the interval")
 
     def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
         y = dynamics.initial_state(problem, theta0)

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowsim.errors import check_number
+from flowsim.errors import check_field
 
-from .base import Integrator, SaveGrid, SavePoint
+from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 from .brownian import brownian_increments, fixed_steps
 
 
@@ -30,7 +30,10 @@ class FusedEulerMaruyama(Integrator):
     runs = "sde"
 
     def __post_init__(self) -> None:
-        check_number("integrator.dt", self.dt, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "dt", minimum=0.0, exclusive_minimum=True)
+
+    def check_grid(self, grid: SaveGrid) -> None:
+        check_fixed_step("integrator.dt", self.dt, grid, "a longer step would be cut to the interval")
 
     def solve(
         self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None

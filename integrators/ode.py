@@ -14,9 +14,9 @@ from torchdiffeq._impl.odeint import SOLVERS, _check_inputs
 from torchdiffeq._impl.rk_common import _RungeKuttaState
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver, FixedGridODESolver
 
-from flowsim.errors import ConfigError, IntegrationError, check_number
+from flowsim.errors import ConfigError, IntegrationError, check_field
 
-from .base import Integrator, SaveGrid, SavePoint
+from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 
 #: torchdiffeq's methods: adaptive ones take rtol/atol, fixed-grid ones a step_size
 ADAPTIVE = tuple(m for m, s in SOLVERS.items() if issubclass(s, AdaptiveStepsizeODESolver) and m != "scipy_solver")
@@ -108,20 +108,22 @@ class ODE(Integrator):
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in ADAPTIVE + FIXED:
             raise ConfigError(f"integrator.method: got {self.method!r}; expected one of {', '.join(ADAPTIVE + FIXED)}")
-        check_number("integrator.rtol", self.rtol, minimum=0.0, exclusive_minimum=True)
-        check_number("integrator.atol", self.atol, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "rtol", minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "atol", minimum=0.0, exclusive_minimum=True)
         if self.step_size is not None:
-            check_number("integrator.step_size", self.step_size, minimum=0.0, exclusive_minimum=True)
+            check_field(self, "integrator", "step_size", minimum=0.0, exclusive_minimum=True)
             if self.method in ADAPTIVE:
                 raise ConfigError(
                     f"integrator.step_size: {self.method} chooses its own steps; give step_size only "
                     f"to a fixed-grid method ({', '.join(FIXED)})"
                 )
         if self.max_steps is not None:
-            check_number("integrator.max_steps", self.max_steps, integer=True, minimum=1)
+            check_field(self, "integrator", "max_steps", integer=True, minimum=1)
         if not isinstance(self.options, dict):
             raise ConfigError(f"integrator.options: got {self.options!r}; expected a table of torchdiffeq options")
         known = _options_of(self.method)
+        if "step_size" in self.options:
+            raise ConfigError("integrator.options.step_size: given as an option; expected it as integrator.step_size")
         for key in self.options:
             if key not in known:
                 raise ConfigError(f"integrator.options.{key}: unknown option of {self.method}; expected one of {', '.join(known)}")
@@ -145,6 +147,10 @@ class ODE(Integrator):
         super().check(dynamics, dtype)
         if self.adaptive:
             check_rtol(self.rtol, dtype)
+
+    def check_grid(self, grid: SaveGrid) -> None:
+        why = "save points inside a longer step are linear interpolations of it"
+        check_fixed_step("integrator.step_size", self.step_size, grid, why)
 
     def _solver(self, f, y0: Tensor, t: Tensor, norm=None):
         """torchdiffeq's solver object for `method` on y' = f(t, y) from y0 (`norm`: the error

@@ -36,9 +36,9 @@ from torchdiffeq._impl.misc import _rms_norm, _select_initial_step
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-from flowsim.errors import ConfigError, IntegrationError, bad_value, check_number
+from flowsim.errors import ConfigError, IntegrationError, bad_value, check_field
 
-from .base import Integrator, SaveGrid, SavePoint
+from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 from .ode import check_rtol
 
 # ----------------------------------------------------------------------------------------- tableaus
@@ -190,28 +190,27 @@ class RK(Integrator):
     def __post_init__(self) -> None:
         if self.method not in TABLEAUS:
             raise bad_value("integrator.method", self.method, f"one of {', '.join(TABLEAUS)}")
-        check_number("integrator.rtol", self.rtol, minimum=0.0, exclusive_minimum=True)
-        check_number("integrator.atol", self.atol, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "rtol", minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "atol", minimum=0.0, exclusive_minimum=True)
         adaptive = self.tableau.adaptive
         fixed = ", ".join(m for m, t in TABLEAUS.items() if not t.adaptive)
         for name in ("step_size", "first_step"):
-            value = getattr(self, name)
-            if value is not None:
-                check_number(f"integrator.{name}", value, minimum=0.0, exclusive_minimum=True)
+            if getattr(self, name) is not None:
+                check_field(self, "integrator", name, minimum=0.0, exclusive_minimum=True)
         if self.step_size is not None and adaptive:
             raise ConfigError(f"integrator.step_size: {self.method} chooses its own steps; give step_size only to {fixed}")
         if self.first_step is not None and not adaptive:
             raise ConfigError(f"integrator.first_step: {self.method} takes fixed steps; give it step_size instead")
         if self.max_steps is not None:
-            check_number("integrator.max_steps", self.max_steps, integer=True, minimum=1)
-        check_number("integrator.safety", self.safety, minimum=0.0, maximum=1.0, exclusive_minimum=True)
-        check_number("integrator.ifactor", self.ifactor, minimum=1.0)
-        check_number("integrator.dfactor", self.dfactor, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+            check_field(self, "integrator", "max_steps", integer=True, minimum=1)
+        check_field(self, "integrator", "safety", minimum=0.0, maximum=1.0, exclusive_minimum=True)
+        check_field(self, "integrator", "ifactor", minimum=1.0)
+        check_field(self, "integrator", "dfactor", minimum=0.0, maximum=1.0, exclusive_minimum=True)
         for name in ("compile", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise bad_value(f"integrator.{name}", getattr(self, name), "true or false")
         if self.sync_every is not None:
-            check_number("integrator.sync_every", self.sync_every, integer=True, minimum=1)
+            check_field(self, "integrator", "sync_every", integer=True, minimum=1)
             if not adaptive:
                 raise ConfigError(f"integrator.sync_every: {self.method} takes fixed steps and never waits for the host; leave it None")
         if self.cuda_graph and self.sync_every is None:
@@ -220,6 +219,10 @@ class RK(Integrator):
     def check_device(self, device: torch.device) -> None:
         if self.cuda_graph and device.type != "cuda":
             raise ConfigError(f"integrator.cuda_graph: CUDA graphs run on device='cuda', not {str(device)!r}; set cuda_graph=False")
+
+    def check_grid(self, grid: SaveGrid) -> None:
+        why = "save points inside a longer step are linear interpolations of it"
+        check_fixed_step("integrator.step_size", self.step_size, grid, why)
 
     @property
     def tableau(self) -> ButcherTableau:

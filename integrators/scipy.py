@@ -24,7 +24,7 @@ import scipy.integrate
 import torch
 from torch import Tensor
 
-from flowsim.errors import ConfigError, IntegrationError, check_number
+from flowsim.errors import ConfigError, IntegrationError, check_field
 
 from .base import Integrator, SaveGrid, SavePoint
 
@@ -81,12 +81,12 @@ class SciPy(Integrator):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"integrator.method: got {self.method!r}; expected one of {', '.join(METHODS)}")
-        check_number("integrator.rtol", self.rtol, minimum=0.0, exclusive_minimum=True)
-        check_number("integrator.atol", self.atol, minimum=0.0, exclusive_minimum=True)
-        check_number("integrator.max_jacobian_size", self.max_jacobian_size, integer=True, minimum=1)
+        check_field(self, "integrator", "rtol", minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "atol", minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "max_jacobian_size", integer=True, minimum=1)
         for name in ("first_step", "max_step"):
             if getattr(self, name) is not None:
-                check_number(f"integrator.{name}", getattr(self, name), minimum=0.0, exclusive_minimum=True)
+                check_field(self, "integrator", name, minimum=0.0, exclusive_minimum=True)
 
     def check(self, dynamics, dtype: torch.dtype) -> None:
         super().check(dynamics, dtype)

@@ -23,9 +23,9 @@ from torchsde._core.base_sde import ForwardSDE
 from torchsde._core.methods import select
 from torchsde.settings import METHODS, NOISE_TYPES, SDE_TYPES
 
-from flowsim.errors import ConfigError, check_number
+from flowsim.errors import ConfigError, check_field
 
-from .base import Integrator, SaveGrid, SavePoint
+from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 from .brownian import brownian_increments, fixed_steps
 
 
@@ -120,12 +120,15 @@ class SDE(Integrator):
                 f"integrator.method: got {self.method!r}; the SGD-noise SDE is Itô with general noise, and {why}; "
                 f"expected one of {', '.join(GENERAL_NOISE_ITO)}"
             )
-        check_number("integrator.dt", self.dt, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "dt", minimum=0.0, exclusive_minimum=True)
         if not isinstance(self.adaptive, bool):
             raise ConfigError(f"integrator.adaptive: got {self.adaptive!r}; expected true or false")
-        check_number("integrator.rtol", self.rtol, minimum=0.0, exclusive_minimum=True)
-        check_number("integrator.atol", self.atol, minimum=0.0, exclusive_minimum=True)
-        check_number("integrator.dt_min", self.dt_min, minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "rtol", minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "atol", minimum=0.0, exclusive_minimum=True)
+        check_field(self, "integrator", "dt_min", minimum=0.0, exclusive_minimum=True)
+
+    def check_grid(self, grid: SaveGrid) -> None:
+        check_fixed_step("integrator.dt", None if self.adaptive else self.dt, grid, "a longer step would be cut to the interval")
 
     def solve(
         self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
