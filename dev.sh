@@ -15,7 +15,7 @@ setup() {
   if ! "$python" -c "import torch" 2>/dev/null; then
     "$python" -m pip install --quiet "torch==2.13.0"
   fi
-  "$python" -m pip install --quiet -e ".[test]"
+  "$python" -m pip install --quiet -e ".[test,docs]"
 }
 
 command="${1:-}"
