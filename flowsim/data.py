@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .errors import DataError, bad_value, check_number
+from .errors import DataError, bad_value, check_number, check_seed
 
 
 def digits(n_train: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -28,7 +28,7 @@ def digits(n_train: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
     y = torch.as_tensor(labels, dtype=torch.long)
     if n_train is not None:
         n_train = check_number("data.n_train", n_train, integer=True, minimum=1, maximum=len(y), cls=DataError)
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n_train]
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(check_seed("data.seed", seed, DataError)))[:n_train]
         X, y = X[keep], y[keep]
     return X.to(torch.get_default_dtype()), y
 
@@ -57,7 +57,7 @@ def teacher_student(
         raise bad_value("data.task", task, '"regression" or "classification"', DataError)
     if task == "classification" and out_features < 2:
         raise bad_value("data.out_features", out_features, "at least 2 classes for classification", DataError)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed("data.seed", seed, DataError))
     X = torch.randn(n, in_features, generator=generator, dtype=torch.float64)
     teacher = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features)).double()
     with torch.no_grad():
@@ -87,7 +87,7 @@ def sequences(n: int = 256, length: int = 8, vocab: int = 8, task: str = "classi
     vocab = check_number("data.vocab", vocab, integer=True, minimum=2, cls=DataError)
     if task not in ("classification", "regression"):
         raise bad_value("data.task", task, '"classification" or "regression"', DataError)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed("data.seed", seed, DataError))
     tokens = torch.randint(vocab, (n, length), generator=generator)
     X = nn.functional.one_hot(tokens, vocab).to(torch.get_default_dtype())
     if task == "classification":

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from .dynamics import DiscreteSGD, Dynamics, GradientFlow, ModifiedFlow
-from .errors import ConfigError, bad_value, check_number
+from .errors import ConfigError, ModelError, bad_value, check_fits_memory, check_number, check_seed
 from .problem import Problem, _per_example_loss
 
 #: the dynamics an ensemble runs: those that touch the problem only through the batched methods
@@ -232,8 +232,13 @@ def check_ensemble(ensemble: int | Tensor | None, dynamics: Dynamics, problem: P
             raise ConfigError(
                 f"run.ensemble: got a tensor of shape {tuple(ensemble.shape)}; expected (K, {problem.n_params}) floating initial parameters"
             )
+        if ensemble.device.type == "meta" or not bool(torch.isfinite(ensemble).all()):
+            raise ModelError("run.ensemble: the initial parameters have non-finite entries (or none: meta); expected finite values")
         return ensemble
-    return check_number("run.ensemble", ensemble, integer=True, minimum=1)
+    members = check_number("run.ensemble", ensemble, integer=True, minimum=1)
+    # eight (K, P) float64 buffers (θ, stages, gradients): a generous estimate
+    check_fits_memory("run.ensemble", 64 * members * problem.n_params, f"{members} members of {problem.n_params} parameters", "fewer members")
+    return members
 
 
 def check_member_seeds(member_seeds: Sequence[int] | None, ensemble: int | Tensor | None) -> tuple[int, ...] | None:
@@ -245,7 +250,7 @@ def check_member_seeds(member_seeds: Sequence[int] | None, ensemble: int | Tenso
     size = ensemble.shape[0] if isinstance(ensemble, Tensor) else ensemble
     if isinstance(member_seeds, (str, bytes)) or not isinstance(member_seeds, Sequence) or len(member_seeds) != size:
         raise bad_value("run.member_seeds", member_seeds, f"a sequence of {size} seeds, one per member")
-    return tuple(check_number(f"run.member_seeds[{k}]", s, integer=True, minimum=0) for k, s in enumerate(member_seeds))
+    return tuple(check_seed(f"run.member_seeds[{k}]", s) for k, s in enumerate(member_seeds))
 
 
 def ensemble_start(

@@ -91,3 +91,19 @@ def check_flag(field: str, value: Any, cls: type[FlowsimError] = ConfigError) ->
     if not isinstance(value, bool):
         raise bad_value(field, value, "true or false", cls)
     return value
+
+
+def check_fits_memory(field: str, needed: int, what: str, expected: str) -> None:
+    """Raise ConfigError naming `field` if `needed` bytes (of `what`) exceed half of the host's
+    memory; `expected` says what to ask for instead."""
+    import os
+
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host: nothing to compare with
+        return
+    if needed > memory / 2:
+        raise ConfigError(
+            f"{field}: {what} would take {needed / 2**30:.3g} GiB, more than half of the {memory / 2**30:.3g} GiB "
+            f"of host memory; expected {expected}"
+        )

@@ -19,8 +19,9 @@ from . import checkpoint as ckpt
 from .config import to_toml
 from .dynamics import Dynamics
 from .ensemble import check_ensemble, check_member_seeds, ensemble_start
-from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, RecordError, bad_value, check_flag, check_number, check_seed
+from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, RecordError, bad_value, check_fits_memory, check_flag, check_number, check_seed
 from .integrators import Integrator, SaveGrid
+from .integrators.base import MAX_STEPS
 from .laws import Law, LawSet, detect
 from .problem import Problem
 from .lock import output_lock
@@ -30,8 +31,11 @@ from .store import remove as remove_store
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-#: the most save points a run may ask for (every time-dimension array is allocated to them)
+#: the most save points a run may ask for (the record's time dimension)
 MAX_SAVE_POINTS = 10**7
+
+#: the longest run, in units of t = k·lr (a t1 beyond it is a slip: no flow is solved that far)
+MAX_TIME = 1e9
 
 
 def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -66,6 +70,8 @@ def save_grid(dynamics: Dynamics, t1: float, save_every: float) -> SaveGrid:
     be a whole number of steps (to a relative 1e-9; ConfigError otherwise)."""
     t1 = check_number("run.t1", t1, minimum=0.0, exclusive_minimum=True)
     save_every = check_number("run.save_every", save_every, minimum=0.0, exclusive_minimum=True)
+    if t1 > MAX_TIME:
+        raise ConfigError(f"run.t1: got {t1:g}; expected at most {MAX_TIME:g} (in units of t = step · lr)")
     if save_every > t1:
         raise ConfigError(f"run.save_every: got {save_every:g}; expected at most t1 = {t1:g}")
     if t1 / save_every > MAX_SAVE_POINTS:
@@ -80,6 +86,11 @@ def save_grid(dynamics: Dynamics, t1: float, save_every: float) -> SaveGrid:
             times.append(t1)
         return SaveGrid(tuple(times))
     dt = dynamics.time_step
+    if t1 / dt > MAX_STEPS:
+        raise ConfigError(
+            f"run.t1: got {t1:g}, which takes {t1 / dt:.3g} SGD steps of Δt = lr·(1−dampening) = {dt:g}; "
+            f"expected at most {MAX_STEPS:.0e} steps"
+        )
     n_steps = math.floor(t1 / dt + 1e-9)
     if n_steps < 1:
         raise ConfigError(f"run.t1: got {t1:g}; expected at least one SGD step of Δt = lr·(1−dampening) = {dt:g}")
@@ -332,17 +343,10 @@ def _check_memory(out: Path | None, n_rows: int, n_laws: int, observe: tuple[str
         return
     per_member = 3 * n_laws + 3 + (n_params if "params" in observe else 0)
     row_bytes = 8 * (per_member * (members[1] if members else 1) + 4)
-    needed = n_rows * row_bytes
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return
-    if needed > memory / 2:
-        raise ConfigError(
-            f"run.out: the record would hold {needed / 2**30:.3g} GiB in host memory ({n_rows} save points of {row_bytes} bytes), "
-            f"more than half of the {memory / 2**30:.3g} GiB there is; expected a .zarr output, which streams rows to disk, "
-            "or fewer save points"
-        )
+    check_fits_memory(
+        "run.out", n_rows * row_bytes, f"the record held in memory ({n_rows} save points of {row_bytes} bytes)",
+        "a .zarr output, which streams rows to disk, or fewer save points",
+    )
 
 
 class _Checkpointer:

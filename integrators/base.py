@@ -62,14 +62,27 @@ class SavePoint:
     checkpoint: dict[str, Any] | None = None
 
 
+#: the most steps a fixed-step integrator or SGD may take in one run (a run that would need more
+#: never ends in practice: t1 or the step is a slip)
+MAX_STEPS = 10**10
+
+
 def check_fixed_step(field: str, step: float | None, grid: SaveGrid, why: str) -> None:
     """Raise ConfigError if a fixed step (`field`: integrator.step_size or integrator.dt) is
-    longer than the longest save interval of `grid`; `why` says what that step would become."""
+    longer than the longest save interval of `grid` (`why` says what that step would become), or
+    so short that the run would take more than MAX_STEPS steps."""
+    if step is None:
+        return
     interval = max((b - a for a, b in zip(grid.times, grid.times[1:])), default=0.0)
-    if step is not None and interval and step > interval * (1 + 1e-9):
+    if interval and step > interval * (1 + 1e-9):
         raise ConfigError(
             f"{field}: got {step:g}; expected at most the save interval {interval:g} ({why}); "
             "take a smaller step or save less often"
+        )
+    if grid.times[-1] / step > MAX_STEPS:
+        raise ConfigError(
+            f"{field}: got {step:g}, which takes {grid.times[-1] / step:.3g} steps to t1 = {grid.times[-1]:g}; "
+            f"expected at most {MAX_STEPS:.0e} steps"
         )
 
 

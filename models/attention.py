@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from flowsim.errors import bad_value, check_number
 
+from .limits import MAX_DEPTH
+
 from .mlp import activation_layer
 
 NORMS = ("pre", "post", "none")
@@ -156,7 +158,7 @@ def transformer(
     Layer names: ``embed``, ``pos``, ``blocks.{i}.{ln1,attn.{q,k,v,o},ln2,fc1,fc2}``, ``norm``,
     ``head``. `vocab` and `length` are read off the data (X of shape (N, length, vocab)).
     """
-    depth = check_number("model.depth", depth, integer=True, minimum=1)
+    depth = check_number("model.depth", depth, integer=True, minimum=1, maximum=MAX_DEPTH)
     width = check_number("model.width", width, integer=True, minimum=1)
     vocab = check_number("model.vocab", vocab, integer=True, minimum=1)
     length = check_number("model.length", length, integer=True, minimum=1)

@@ -8,6 +8,8 @@ from torch import nn
 
 from flowsim.errors import bad_value, check_number
 
+from .limits import MAX_DEPTH
+
 from .mlp import activation_layer
 
 
@@ -31,7 +33,7 @@ def vgg(
     the scale symmetry at relative order eps/Var (exactness tests use 1e-12 in float64).
     `activation` is relu, leaky_relu, identity or tanh (see ``mlp``); `pool_every=0` never pools.
     """
-    depth = check_number("model.depth", depth, integer=True, minimum=1)
+    depth = check_number("model.depth", depth, integer=True, minimum=1, maximum=MAX_DEPTH)
     width = check_number("model.width", width, integer=True, minimum=1)
     pool_every = check_number("model.pool_every", pool_every, integer=True, minimum=0)
     in_channels = check_number("model.in_channels", in_channels, integer=True, minimum=1)

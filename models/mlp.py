@@ -8,6 +8,8 @@ from torch import nn
 
 from flowsim.errors import bad_value, check_number
 
+from .limits import MAX_DEPTH
+
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "identity": nn.Identity, "tanh": nn.Tanh}
 
 
@@ -31,7 +33,7 @@ def mlp(
     Layer names: ``fc1 … fc{depth}``, ``act1 …``, ``out``. tanh is offered as the
     non-homogeneous contrast: it has no rescale symmetry.
     """
-    depth = check_number("model.depth", depth, integer=True, minimum=0)
+    depth = check_number("model.depth", depth, integer=True, minimum=0, maximum=MAX_DEPTH)
     width = check_number("model.width", width, integer=True, minimum=1)
     in_features = check_number("model.in_features", in_features, integer=True, minimum=1)
     out_features = check_number("model.out_features", out_features, integer=True, minimum=1)

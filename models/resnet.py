@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from flowsim.errors import bad_value, check_number
 
+from .limits import MAX_DEPTH
+
 from .mlp import activation_layer
 
 
@@ -129,7 +131,7 @@ def residual_mlp(
     """
     in_features = check_number("model.in_features", in_features, integer=True, minimum=1)
     out_features = check_number("model.out_features", out_features, integer=True, minimum=1)
-    depth = check_number("model.depth", depth, integer=True, minimum=0)
+    depth = check_number("model.depth", depth, integer=True, minimum=0, maximum=MAX_DEPTH)
     width = check_number("model.width", width, integer=True, minimum=1)
     hidden = check_number("model.hidden", hidden, integer=True, minimum=1)
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten()), ("inp", nn.Linear(in_features, width, bias=bias))]

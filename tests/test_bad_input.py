@@ -38,6 +38,11 @@ BAD_CONFIGS = {
     "dynamics.lr": edit(GOOD, "lr = 0.1", "lr = { value = 0.1 }"),
     "model.depth": edit(GOOD, "depth = 1", "depth = [1]"),
     "model ": "",  # an empty file: no section
+    "model.depth ": edit(GOOD, "depth = 1", "depth = 9223372036854775807"),  # would build layers until memory runs out
+    "data.seed": edit(GOOD, "n_train = 40", "n_train = 40\nseed = -1"),
+    "run.t1  ": edit(GOOD, "t1 = 0.5", "t1 = 1e300"),  # never ends
+    "run.t1   ": edit(GOOD, "lr = 0.1", "lr = 1e-300"),  # 5e299 SGD steps
+    "run.ensemble": edit(GOOD, "t1 = 0.5", "t1 = 0.5\nensemble = 99999999999999999999"),
 }
 
 
@@ -233,3 +238,30 @@ def test_every_flowsim_error_is_one_line_in_the_cli(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(cli.argparse.ArgumentParser, "parse_args", lambda self, argv=None: args)
     assert main(["info", "x"]) == 2
     assert capsys.readouterr().err == "flowsim: error: run: broken (OSError: first; second; third)\n"
+
+
+def test_runs_that_would_never_end_are_refused():
+    """t1 beyond 1e9 time units, more than 1e10 SGD steps, or a fixed step that needs more than
+    1e10 steps to t1: refused before any work, naming the field."""
+    problem = build_problem("mlp", n=16, depth=1, width=4)
+    cases = [
+        (lambda: fs.simulate(problem, fs.GradientFlow(), t1=1e300, save_every=1e299), "run.t1"),
+        (lambda: fs.simulate(problem, fs.DiscreteSGD(lr=1e-300), t1=1.0, save_every=0.5), "run.t1"),
+        (lambda: fs.simulate(problem, fs.GradientFlow(), ODE("euler", step_size=1e-12), t1=1e3, save_every=1e2), "integrator.step_size"),
+    ]
+    for call, field in cases:
+        with pytest.raises(fs.ConfigError, match=rf"^{field}: got .*expected at most"):
+            call()
+
+
+def test_ensembles_are_checked_before_any_work():
+    problem = build_problem("mlp", n=16, depth=1, width=4)
+    sgd = fs.DiscreteSGD(lr=0.1)
+    with pytest.raises(fs.ConfigError, match=r"^run\.ensemble: .* would take .* GiB"):
+        fs.simulate(problem, sgd, t1=0.2, save_every=0.1, ensemble=10**15, progress=False)
+    start = torch.zeros(2, problem.n_params, dtype=torch.float64)
+    start[1, 3] = float("nan")
+    with pytest.raises(fs.ModelError, match=r"^run\.ensemble: .*non-finite"):
+        fs.simulate(problem, sgd, t1=0.2, save_every=0.1, ensemble=start, progress=False)
+    with pytest.raises(fs.ConfigError, match=r"^run\.member_seeds\[1\]: got -1"):
+        fs.simulate(problem, sgd, t1=0.2, save_every=0.1, ensemble=2, member_seeds=[0, -1], progress=False)

@@ -258,7 +258,7 @@ def test_a_record_too_large_for_memory_needs_a_zarr_store(tmp_path):
     more than half of it is refused before any work; a zarr store holds a window of rows."""
     problem = build_problem("mlp", n=16, depth=2, width=256)  # P ≈ 85,000: 0.7 MB a row with params
     for out in (None, tmp_path / "run.nc"):  # 1e6 rows: 680 GB, more than any machine of this kind holds
-        with pytest.raises(fs.ConfigError, match=r"^run\.out: the record would hold .* GiB in host memory"):
+        with pytest.raises(fs.ConfigError, match=r"^run\.out: the record held in memory .* would take .* GiB"):
             fs.simulate(problem, fs.DiscreteSGD(lr=1e-6), t1=1.0, save_every=1e-6, observe=("params",), progress=False, out=out)
 
 
