@@ -217,111 +217,100 @@ def simulate(
         if out_path is not None:
             held.enter_context(output_lock(out_path))
             check_output_state(out_path, resume=resume, overwrite=overwrite)
-        return _run(
-            problem, dynamics, integrator, grid, laws, observe, seed, device, dtype, out_path, resume, overwrite,
-            checkpoint_every, progress, config, ensemble, member_seeds, t1, save_every,
-        )
-
-
-def _run(
-    problem, dynamics, integrator, grid, laws, observe, seed, device, dtype, out_path, resume, overwrite,
-    checkpoint_every, progress, config, ensemble, member_seeds, t1, save_every,
-) -> xr.Dataset:
-    """simulate() after its arguments are checked (and, with an output, under its lock)."""
-    # --- 3. bind the problem to device and dtype; the initial point and its laws; what to resume
-    problem = problem.to(device=device, dtype=dtype)
-    law_set = _law_set(laws, problem)
-    theta0 = problem.initial_theta()
-    if ensemble is not None:
-        problem, theta0 = ensemble_start(problem, ensemble, seed, member_seeds)
-    identity = ckpt.fingerprint(problem, dynamics, integrator, t1, save_every, seed, device, dtype, observe, law_set, theta0)
-    if member_seeds is not None:
-        identity["member_seeds"] = list(member_seeds)
-    start = ckpt.resume_point(out_path, identity, device) if resume else None
-    if isinstance(start, xr.Dataset):  # the run has ended already
-        return start
-    attrs = {
-        "flowsim_version": __version__,
-        "torch_version": torch.__version__,
-        "problem": json_attr(problem.describe()),
-        "dynamics": json_attr(dynamics.describe()),
-        "integrator": json_attr(integrator.describe()),
-        "seed": seed,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "status": "running",
-        "status_message": "",
-        "config": config if config is not None else to_toml(problem, dynamics, integrator, t1, save_every, seed, device, dtype),
-        "fingerprint": json_attr(identity),
-    }
-    coords = {**dynamics.coords(), "weight_decay": problem.weight_decay, "seed": seed}
-    members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
-    if ensemble is not None:
-        members = problem.members
-        attrs["ensemble"] = members[1]
+        # --- 3. bind the problem to device and dtype; the initial point and its laws; what to resume
+        problem = problem.to(device=device, dtype=dtype)
+        law_set = _law_set(laws, problem)
+        theta0 = problem.initial_theta()
+        if ensemble is not None:
+            problem, theta0 = ensemble_start(problem, ensemble, seed, member_seeds)
+        identity = ckpt.fingerprint(problem, dynamics, integrator, t1, save_every, seed, device, dtype, observe, law_set, theta0)
         if member_seeds is not None:
-            coords["seed"] = (members[0], list(member_seeds))
-    _check_memory(out_path, len(grid.times), law_set.size, observe, problem.n_params, members)
-    # overwrite builds the new record beside the old one, swapped in when the run ends
-    target = staging_path(out_path) if overwrite and out_path is not None and out_path.exists() else out_path
-    if target is not None and target != out_path:
-        remove_store(target)  # left by an overwrite that was killed
-    store = None if target is None else ZarrStore(target, len(grid.times)) if out_path.suffix == ".zarr" else NetCDFStore(target)
-    recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, store, members=members, seed=seed)
-    run = _Checkpointer(None if store is None else store.path, identity, recorder, checkpoint_every, start)
-    if start is not None:
-        _check_saved_rows(out_path, start.n_saved)
-        recorder.restore(start.n_saved, start.recorder)
+            identity["member_seeds"] = list(member_seeds)
+        start = ckpt.resume_point(out_path, identity, device) if resume else None
+        if isinstance(start, xr.Dataset):  # the run has ended already
+            return start
+        attrs = {
+            "flowsim_version": __version__,
+            "torch_version": torch.__version__,
+            "problem": json_attr(problem.describe()),
+            "dynamics": json_attr(dynamics.describe()),
+            "integrator": json_attr(integrator.describe()),
+            "seed": seed,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "status": "running",
+            "status_message": "",
+            "config": config if config is not None else to_toml(problem, dynamics, integrator, t1, save_every, seed, device, dtype),
+            "fingerprint": json_attr(identity),
+        }
+        coords = {**dynamics.coords(), "weight_decay": problem.weight_decay, "seed": seed}
+        members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
+        if ensemble is not None:
+            members = problem.members
+            attrs["ensemble"] = members[1]
+            if member_seeds is not None:
+                coords["seed"] = (members[0], list(member_seeds))
+        _check_memory(out_path, len(grid.times), law_set.size, observe, problem.n_params, members)
+        # overwrite builds the new record beside the old one, swapped in when the run ends
+        target = staging_path(out_path) if overwrite and out_path is not None and out_path.exists() else out_path
+        if target is not None and target != out_path:
+            remove_store(target)  # left by an overwrite that was killed
+        store = None if target is None else ZarrStore(target, len(grid.times)) if out_path.suffix == ".zarr" else NetCDFStore(target)
+        recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, store, members=members, seed=seed)
+        run = _Checkpointer(None if store is None else store.path, identity, recorder, checkpoint_every, start)
+        if start is not None:
+            _check_saved_rows(out_path, start.n_saved)
+            recorder.restore(start.n_saved, start.recorder)
 
-    # --- 4. integrate, recording at every save point and checkpointing now and then
-    from tqdm.auto import tqdm
+        # --- 4. integrate, recording at every save point and checkpointing now and then
+        from tqdm.auto import tqdm
 
-    first = recorder.n_saved
-    last_time = grid.times[first - 1] if first else grid.times[0]
-    bar = tqdm(total=grid.times[-1], initial=last_time, unit="t", disable=not progress or not sys.stderr.isatty(), leave=False)
-    resume_from = {} if start is None or start.integrator is None else {"start": start.integrator}
-    status, message = "completed", ""
-    try:
+        first = recorder.n_saved
+        last_time = grid.times[first - 1] if first else grid.times[0]
+        bar = tqdm(total=grid.times[-1], initial=last_time, unit="t", disable=not progress or not sys.stderr.isatty(), leave=False)
+        resume_from = {} if start is None or start.integrator is None else {"start": start.integrator}
+        status, message = "completed", ""
         try:
-            for point in integrator.solve(dynamics, problem, theta0, grid, seed, **resume_from):
-                if not recorder.add(point, run.wall_time()):
-                    status = "diverged"
-                    message = (
-                        f"non-finite loss, parameters or gradient at t={point.time:g} (step {point.step}); "
-                        f"the {recorder.n_saved + len(recorder.pending)} save points before it, up to t={last_time:g}, are kept"
-                    )
-                    break
-                run.saved(point)
-                bar.update(point.time - last_time)
-                last_time = point.time
-        except IntegrationError as exc:
-            status, message = "diverged", f"{exc} (last saved t={last_time:g})"
-        # --- 5. the record
-        ds = recorder.finish(status, message)
-    except KeyboardInterrupt:
-        run.write()
-        recorder.finish("interrupted", f"stopped by the user after t={last_time:g}; resume=True continues it")
-        _put_in_place(store, out_path, keep_checkpoint=True)
-        raise
-    except Exception as exc:
-        with contextlib.suppress(Exception):  # keep what was saved, and say why it stopped
+            try:
+                for point in integrator.solve(dynamics, problem, theta0, grid, seed, **resume_from):
+                    if not recorder.add(point, run.wall_time()):
+                        status = "diverged"
+                        message = (
+                            f"non-finite loss, parameters or gradient at t={point.time:g} (step {point.step}); "
+                            f"the {recorder.n_saved + len(recorder.pending)} save points before it, up to t={last_time:g}, are kept"
+                        )
+                        break
+                    run.saved(point)
+                    bar.update(point.time - last_time)
+                    last_time = point.time
+            except IntegrationError as exc:
+                status, message = "diverged", f"{exc} (last saved t={last_time:g})"
+            # --- 5. the record
+            ds = recorder.finish(status, message)
+        except KeyboardInterrupt:
             run.write()
-            recorder.finish("failed", f"{type(exc).__name__} after t={last_time:g}: {exc}")
-        staged = store is not None and store.path != out_path
-        if staged:  # the old record stays as it was
-            with contextlib.suppress(OSError):
-                remove_store(store.path)
-        if isinstance(exc, OSError) and out_path is not None:
-            kept = "the record before this run is kept" if staged else "what was saved is kept"
-            raise RecordError(f"run.out: writing {str(out_path)!r} failed after t={last_time:g} ({exc}); {kept}") from exc
-        raise
-    finally:
-        bar.close()
-    if status != "completed":
-        warnings.warn(f"run {status}: {message}", RuntimeWarning, stacklevel=3)
-    run.remove()
-    _put_in_place(store, out_path, keep_checkpoint=False)
-    return ds if ds is not None else open_record(out_path, load=None)
+            recorder.finish("interrupted", f"stopped by the user after t={last_time:g}; resume=True continues it")
+            _put_in_place(store, out_path, keep_checkpoint=True)
+            raise
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # keep what was saved, and say why it stopped
+                run.write()
+                recorder.finish("failed", f"{type(exc).__name__} after t={last_time:g}: {exc}")
+            staged = store is not None and store.path != out_path
+            if staged:  # the old record stays as it was
+                with contextlib.suppress(OSError):
+                    remove_store(store.path)
+            if isinstance(exc, OSError) and out_path is not None:
+                kept = "the record before this run is kept" if staged else "what was saved is kept"
+                raise RecordError(f"run.out: writing {str(out_path)!r} failed after t={last_time:g} ({exc}); {kept}") from exc
+            raise
+        finally:
+            bar.close()
+        if status != "completed":
+            warnings.warn(f"run {status}: {message}", RuntimeWarning, stacklevel=2)
+        run.remove()
+        _put_in_place(store, out_path, keep_checkpoint=False)
+        return ds if ds is not None else open_record(out_path, load=None)
 
 
 def _put_in_place(store: ZarrStore | NetCDFStore | None, out: Path | None, keep_checkpoint: bool) -> None:
