@@ -186,11 +186,13 @@ class Problem:
                 f"data: X has {X.shape[0]} examples but y has {y.shape[0] if y.ndim else 'no axis of'} "
                 "labels; expected the same number"
             )
-        if not X.is_floating_point():
-            X = X.to(self.dtype)
-        if not torch.isfinite(X).all():
-            raise DataError("data.X: contains NaN or Inf; expected finite inputs")
-        X = X.to(device=self.device, dtype=self.dtype)
+        if X.is_floating_point():  # integer inputs (token ids for an nn.Embedding) stay integers
+            if not torch.isfinite(X).all():
+                raise DataError("data.X: contains NaN or Inf; expected finite inputs")
+            X = X.to(dtype=self.dtype)
+        elif X.is_complex():
+            raise bad_value("data.X", str(X.dtype), "real inputs (floating, or integer token ids)", DataError)
+        X = X.to(device=self.device)
         if self.loss_kind == "cross_entropy":
             if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                 raise bad_value("data.y", str(y.dtype), "integer class labels for cross_entropy", DataError)
@@ -206,15 +208,23 @@ class Problem:
         return X, y
 
     def _probe_output(self) -> tuple[int, ...]:
-        """Run the model on two examples once, so a model that cannot take X fails here."""
-        theta = self.initial_theta()
+        """Run the model on two examples twice, so a model that cannot take X fails here, and one
+        whose output is random in training mode (dropout) is refused: its gradient would be a
+        random vector, not ∇L. The caller's random state is left as it was."""
+        theta, probe = self.initial_theta(), self.X[: min(2, len(self.X))]
         try:
-            with torch.no_grad():
-                out = self._forward(theta, self.X[: min(2, len(self.X))])
+            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                out, again = self._forward(theta, probe), self._forward(theta, probe)
         except Exception as exc:  # the user's model: any failure is a ModelError
-            raise ModelError(f"model: fails on inputs of shape {tuple(self.X.shape[1:])} ({type(exc).__name__}: {exc})") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelError(f"model: fails on inputs of shape {tuple(self.X.shape[1:])} ({type(exc).__name__}: {first})") from exc
         if not isinstance(out, Tensor):
             raise bad_value("model output", type(out).__name__, "one tensor", ModelError)
+        if not torch.equal(out, again):
+            raise ModelError(
+                "model: gives different outputs for the same inputs and parameters in training mode (dropout or other "
+                "randomness), so its gradient is not a function of θ; expected a deterministic model (dropout p=0)"
+            )
         return tuple(out.shape[1:])
 
     def _check_targets(self) -> None:
@@ -240,7 +250,7 @@ class Problem:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Problem:
         """A copy on `device` with floating tensors in `dtype` (the model is deep-copied)."""
         model = copy.deepcopy(self.model).to(device=device, dtype=dtype).train()
-        X = self.X.to(device=device, dtype=dtype)
+        X = self.X.to(device=device, dtype=dtype if self.X.is_floating_point() else None)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
         return Problem(model, (X, y), self.loss_kind, self.weight_decay, self.chunk_size)
 
@@ -261,7 +271,7 @@ class Problem:
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Views of `theta` (..., P) shaped like the parameters; no copy."""
         lead = theta.shape[:-1]
-        return {n: t.view(*lead, *s) for n, t, s in zip(self.names, torch.split(theta, self.sizes, dim=-1), self.shapes)}
+        return {n: t.view((*lead, *s)) for n, t, s in zip(self.names, torch.split(theta, self.sizes, dim=-1), self.shapes)}
 
     def load_into_model(self, theta: Tensor) -> None:
         """Copy `theta` into the model's parameters (for users who continue in plain PyTorch)."""

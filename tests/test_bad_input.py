@@ -265,3 +265,34 @@ def test_ensembles_are_checked_before_any_work():
         fs.simulate(problem, sgd, t1=0.2, save_every=0.1, ensemble=start, progress=False)
     with pytest.raises(fs.ConfigError, match=r"^run\.member_seeds\[1\]: got -1"):
         fs.simulate(problem, sgd, t1=0.2, save_every=0.1, ensemble=2, member_seeds=[0, -1], progress=False)
+
+
+def test_problem_gaps_the_law_audit_hit():
+    """Integer token inputs stay integers (an nn.Embedding model works); a 0-dim Parameter is a
+    parameter like any other; a model whose training-mode output is random (dropout) is refused,
+    its gradient not being ∇L; detect refuses a loss flowsim does not integrate."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(5, 4), nn.Linear(4, 3)
+            self.temperature = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.head(self.embed(x).mean(1)) * self.temperature
+
+    X, y = torch.randint(0, 5, (12, 6)), torch.randint(0, 3, (12,))
+    problem = fs.Problem(Tokens(), (X, y))
+    assert problem.X.dtype == torch.long and problem.to(dtype=torch.float64).X.dtype == torch.long
+    assert torch.Size([]) in problem.shapes and problem.n_params == 5 * 4 + 4 * 3 + 3 + 1
+    ds = fs.simulate(problem, fs.GradientFlow(), t1=0.2, save_every=0.1, progress=False)
+    assert ds.attrs["status"] == "completed" and ds.sizes["quantity"] > 0
+    dropping, inputs = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).eval(), torch.randn(12, 4)
+    state = torch.random.get_rng_state()
+    with pytest.raises(fs.ModelError, match=r"^model: gives different outputs .* \(dropout"):
+        fs.Problem(dropping, (inputs, y))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe leaves the caller's generator alone
+    fs.Problem(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 3)), (torch.randn(12, 4), y))
+    for loss in ("nll", "cross_entropie"):
+        with pytest.raises(fs.ConfigError, match=rf"^problem\.loss: got '{loss}'"):
+            fs.laws.detect(nn.Linear(4, 3), loss=loss, inputs=torch.randn(2, 4))

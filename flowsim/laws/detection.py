@@ -104,7 +104,8 @@ from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
-from ..errors import ModelError
+from ..errors import ModelError, bad_value
+from ..problem import LOSSES
 from .law import Law, Term, gram_labels
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -1309,6 +1310,8 @@ def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None 
     `inputs` (a few examples, batch first) give every tensor's shape to the graph walk; without
     them flowsim probes the model with small inputs guessed from its first layer. The model is
     traced in training mode, as Problem runs it, and left in its own modes."""
+    if loss not in LOSSES:
+        raise bad_value("problem.loss", loss, f"one of {', '.join(LOSSES)}")
     graph = _Graph(model, inputs)
     _warn_unanalysed(graph)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
