@@ -70,7 +70,10 @@ flow, ``.item()``) is a ModelError naming the cause.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import operator
+import sys
 import time
 import types
 import warnings
@@ -84,7 +87,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 
-from ..errors import ModelError, bad_value, check_number
+from ..errors import ModelError, bad_value, check_number, check_seed
 from ..problem import LOSSES, _flat_network
 from .detection import detect
 from .law import Law, LawSet
@@ -463,7 +466,7 @@ def count(
     tries = check_number("tries", tries, integer=True, minimum=1)
     max_depth = check_number("max_depth", max_depth, integer=True, minimum=1)
     max_seconds = check_number("max_seconds", max_seconds, minimum=0.0, exclusive_minimum=True)
-    seed = check_number("seed", seed, integer=True)
+    seed = check_seed("seed", seed)  # the points use seed, seed + 1, …: torch takes up to 2**64 − 1
     net, f, layout, scales = _functional(model)
     dim = sum(n for n, _ in scales)
     too_large = dim > max_params
@@ -668,4 +671,337 @@ def _nested(field: Callable[[Tensor, Tensor, Tensor], Tensor], level: int) -> Ca
     return bracket
 
 
-__all__ = ["LawCount", "count"]
+
+
+# ----------------------------------------------------------------------------- blocks
+@dataclass(frozen=True)
+class BlockCount:
+    """The count of one block in isolation (``count(block, its inputs, "mse")``).
+
+    `n_laws`, `n_known`, `complete`, `counts`: as in ``LawCount`` (None where the block has more
+    than max_params parameters and was not counted); `same_as`: the block whose count this is
+    (blocks of the same architecture and input shape are counted once); `seconds`: wall time
+    of its count (0 when reused)."""
+
+    name: str
+    n_params: int
+    n_laws: int | None
+    n_known: int | None
+    complete: bool | None
+    note: str = ""
+    counts: tuple[int | None, ...] = ()
+    same_as: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BlockLawCount:
+    """The laws of a model counted block by block (``count_blocks``).
+
+    - `blocks`: the ``BlockCount`` of each block; `n_params` D of the whole model,
+      `n_block_params` those inside the blocks;
+    - `n_stream`: the rank of the detected exact laws of the whole model beyond the blocks'
+      own (laws across blocks or on parameters outside every block: the residual stream's
+      rescales, shifts, the head's translation; and laws on one block's parameters that the
+      block alone does not have), independent of the blocks' laws; `stream_laws` their
+      labels (kind at site); None where too large to form;
+    - `n_laws` = Σ blocks' n_laws + n_stream (None unless every block was counted): the laws
+      this argument accounts for, a lower bound on the whole model's (see ``count_blocks``);
+    - `complete`: every block complete (its detected laws are all its laws, at every point).
+      It is *not* a claim that the whole model has no other laws;
+    - `seconds`: wall time of the call; `note`: what the argument does not cover here."""
+
+    n_params: int
+    n_block_params: int
+    blocks: tuple[BlockCount, ...]
+    n_stream: int | None
+    stream_laws: tuple[str, ...]
+    n_laws: int | None
+    complete: bool
+    note: str = ""
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rows = [f"  {b.name}: {b.n_params} parameters, {b.n_laws if b.n_laws is not None else '?'} laws, {b.n_known} known, complete: {b.complete}" + (f" (= {b.same_as})" if b.same_as else "") for b in self.blocks]
+        return (
+            f"{self.n_params} parameters ({self.n_block_params} in {len(self.blocks)} blocks), "
+            f"{'?' if self.n_laws is None else self.n_laws} laws accounted for ({self.n_stream} stream), "
+            f"every block complete: {self.complete}, {self.seconds:.0f} s" + (f" ({self.note})" if self.note else "") + "\n" + "\n".join(rows)
+        )
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_residual(module: nn.Module) -> bool:
+    """A block that adds its input (through nn.Identity modules) to something: by its torch.fx
+    graph, or its class (``*Block``, ``nn.TransformerEncoderLayer``/``DecoderLayer``)."""
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) or type(module).__name__.endswith("Block"):
+        return True
+    if type(module).__module__.startswith("torch.nn") or not any(True for _ in module.parameters()):
+        return False
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # noqa: BLE001  (untraceable: not recognised as residual)
+        return False
+    same = {n for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(module.get_submodule(node.target), nn.Identity) and node.args and node.args[0] in same:
+            same.add(node)
+        elif (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target in ("add", "add_")):
+            if any(a in same for a in node.args):
+                return True
+    return False
+
+
+def _default_blocks(model: nn.Module) -> list[str]:
+    """The outermost residual submodules; where there are none, the children with parameters."""
+    found: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if _is_residual(child):
+                found.append(full)
+            else:
+                walk(child, full + ".")
+
+    walk(model, "")
+    if not found:
+        found = [name for name, child in model.named_children() if any(p.requires_grad for p in child.parameters())]
+    return found
+
+
+def _prefixed(law: Law, prefix: str) -> Law:
+    groups = tuple(tuple(dataclasses.replace(t, param=prefix + t.param) for t in g) for g in law.groups)
+    return dataclasses.replace(law, site=prefix + law.site, groups=groups)
+
+
+def _rowspace(laws: list[Law], names: list[str], shapes: list, theta: Tensor) -> Tensor:
+    """An orthonormal basis (rank, P) of the rows of the Jacobian of `laws` at θ."""
+    if not laws:
+        return theta.new_zeros(0, theta.numel())
+    jacobian = LawSet(laws, names, shapes).jacobian(theta)
+    _, sv, vh = torch.linalg.svd(jacobian, full_matrices=False)
+    rank = int((sv > sv[0] * 1e-10).sum()) if len(sv) and sv[0] > 0 else 0
+    return vh[:rank]
+
+
+def count_blocks(
+    model: nn.Module,
+    inputs: Tensor,
+    loss: str = "cross_entropy",
+    blocks: Sequence[str] | None = None,
+    *,
+    reuse: bool = True,
+    seed: int = 0,
+    **count_options,
+) -> BlockLawCount:
+    """The laws of a model too large for ``count``, counted block by block.
+
+    Each block (a submodule) is counted *in isolation*: ``count(block, x, "mse", **count_options)``
+    with x its inputs on `inputs` (captured by a forward pre-hook; only their shape and spread
+    are used) and every output direction (mse: the block's output is read freely). `blocks`:
+    module names; by default the outermost residual blocks (a submodule whose torch.fx graph
+    adds its input to something, a ``*Block`` class, ``nn.TransformerEncoderLayer``), or where
+    there are none the children with parameters. Blocks of the same architecture (same
+    ``repr``, parameter shapes and input shape) are counted once and share the result
+    (`same_as`), unless `reuse` is False: the count depends on nothing else (its points and
+    inputs are random). A block above `max_params` (count's, 1000) is not counted: n_laws None,
+    complete False, a note.
+
+    **What is proven** (numerically, at count's random points): for each block, its detected
+    laws (``detect(block, "mse")``) are all the laws of the block alone (``complete``), and
+    each is a law of the whole model (a law of the block for every input and output direction
+    is one wherever the block is used). The detected laws of the whole model beyond the
+    blocks' own (the residual stream's rescale per unit, shift laws, the head's translation,
+    laws on a block's parameters that come from its readers, such as its output biases' sums
+    in a stream read only through LayerNorm) are checked orthogonal to 16 whole-model fields,
+    and their rank beyond the blocks' laws is `n_stream`. So the whole model has at least
+    `n_laws` = Σ blocks' n_laws + n_stream independent laws.
+
+    **What is assumed** (the submodule theorem: Marcotte, Gribonval & Peyré, conservation laws
+    of ResNets and Transformers): the laws of the model that depend only on one block's
+    parameters are those of the block alone, and a residual block has the laws of the block
+    without its skip (the count of a residual block is that of its branch: the skip adds no
+    field). The theorem needs the block's output read freely by the rest of the network; a
+    block whose output is read only through a LayerNorm has more laws on its own parameters
+    (they are detected and counted in `n_stream`, and a note names the block). The theorem
+    says nothing of laws that mix several blocks' parameters: that the detected ones (the
+    stream's) are all of them is **not** proven here. So `complete` means *every block is
+    complete*, never that the whole model is; only ``count`` on the whole model proves that.
+
+    `loss` is the whole model's (for its detection); `seed` is passed to every block's count.
+    Other keyword arguments go to ``count`` (points, max_params, max_depth, max_seconds, …).
+
+    **Returns** a ``BlockLawCount``. **Raises** ModelError for a block name the model does not
+    have, a block not called on `inputs` or called with anything but one tensor.
+    """
+    started = time.monotonic()
+    if loss not in LOSSES:
+        raise bad_value("problem.loss", loss, f"one of {', '.join(LOSSES)}")
+    if not isinstance(inputs, Tensor) or inputs.ndim < 2 or len(inputs) == 0:
+        raise bad_value("inputs", getattr(inputs, "shape", type(inputs).__name__), "a tensor of example inputs, batch first", ModelError)
+    max_params = check_number("max_params", count_options.get("max_params", 1000), integer=True, minimum=1)
+    names = list(_default_blocks(model) if blocks is None else blocks)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules or name == "":
+            raise bad_value("blocks", name, "names of submodules of the model", ModelError)
+    for a in names:
+        for b in names:
+            if a != b and b.startswith(a + "."):
+                raise bad_value("blocks", f"{a} and {b}", "blocks that do not contain one another", ModelError)
+
+    # the inputs of every block, on the real inputs
+    captured: dict[str, object] = {}
+    handles = [
+        modules[n].register_forward_pre_hook(lambda m, args, kwargs, n=n: captured.setdefault(n, (args, kwargs)) and None, with_kwargs=True)
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    layout = [n for n, _ in params]
+    shapes = [p.shape for _, p in params]
+    generator = torch.Generator().manual_seed(seed)
+    theta = torch.cat([torch.randn(p.numel(), generator=generator, dtype=torch.float64) * max(float(p.detach().double().square().mean().sqrt()), 0.1) for _, p in params])
+    offsets, start = {}, 0
+    for n, p in params:
+        offsets[n] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    dim = start
+
+    notes: list[str] = []
+    # detection recurses along the graph: a deep model needs more than Python's default depth
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, min(20 * sum(1 for _ in model.modules()) + 2000, 50_000)))
+    detected = True
+    try:
+        model_laws = [law for law in detect(model, loss=loss, inputs=inputs) if law.exact]
+    except (ModelError, RecursionError) as error:
+        model_laws, detected = [], False
+        notes.append(f"no law of the whole model detected ({type(error).__name__}: {str(error)[:200]}): n_stream unknown")
+    finally:
+        sys.setrecursionlimit(limit)
+
+    results: list[BlockCount] = []
+    seen: dict[tuple, tuple[str, LawCount | None, list[Law], str]] = {}
+    block_laws: dict[str, list[Law]] = {}
+    n_block_params = 0
+    for name in names:
+        module = modules[name]
+        if name not in captured:
+            raise bad_value("blocks", name, "blocks the model calls on its inputs", ModelError)
+        args, kwargs = captured[name]
+        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+            raise bad_value("blocks", name, "blocks called with one tensor (their input)", ModelError)
+        x = args[0].detach()
+        n_own = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        n_block_params += n_own
+        key = (type(module).__qualname__, repr(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters()), tuple(x.shape[1:]), x.dtype)
+        tic = time.monotonic()
+        if reuse and key in seen:
+            first, result, laws, note = seen[key]
+        else:
+            first = ""
+            try:
+                laws = detect(module, loss="mse", inputs=x)
+            except ModelError as error:
+                laws = []
+                note = f"no law detected ({error})"
+            else:
+                note = ""
+            if n_own > max_params:
+                result = None
+                note = "; ".join(filter(None, [note, f"{n_own} parameters > max_params={max_params}: not counted"]))
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    result = count(module, x, "mse", laws=laws, seed=seed, **count_options)
+                note = "; ".join(filter(None, [note, result.note]))
+            seen.setdefault(key, (name, result, laws, note))
+        prefix = name + "."
+        block_laws[name] = [_prefixed(law, prefix) for law in laws if law.exact]
+        results.append(
+            BlockCount(
+                name, n_own, None if result is None else result.n_laws, None if result is None else result.n_known,
+                False if result is None else result.complete, note, () if result is None else result.counts, first,
+                0.0 if first else time.monotonic() - tic,
+            )
+        )
+
+    # the laws beyond the blocks' own: their rank outside the span of the blocks' laws
+    inside = {name: [] for name in names}
+    cross: list[Law] = []
+    for law in model_laws:
+        owner = next((name for name in names if all(p.startswith(name + ".") for p in law.parameters)), None)
+        (inside[owner] if owner else cross).append(law)
+    n_stream: int | None = 0 if detected else None
+    labels = []
+    bases = {}
+    for name in names:
+        own = [n for n in layout if n.startswith(name + ".")]
+        index = torch.cat([offsets[n] for n in own]) if own else torch.zeros(0, dtype=torch.long)
+        sub = theta[index]
+        size = sum(law.size for law in block_laws[name] + inside[name])
+        if size * max(len(sub), 1) > MEMORY:
+            n_stream = None
+            notes.append(f"{name}: too many law components × parameters to form its laws' Jacobian")
+            continue
+        sub_shapes = [shapes[layout.index(n)] for n in own]
+        alone = _rowspace(block_laws[name], own, sub_shapes, sub)
+        both = _rowspace(block_laws[name] + inside[name], own, sub_shapes, sub)
+        bases[name] = (index, both)
+        extra = len(both) - len(alone)
+        if extra:
+            n_stream = None if n_stream is None else n_stream + extra
+            notes.append(f"{name}: {extra} detected law(s) of the model on its parameters that it does not have alone (its output is not read freely): counted in n_stream, not covered by the theorem")
+            alone = {(law.kind, frozenset(law.parameters), law.size) for law in block_laws[name]}
+            labels += [f"{law.kind} at {law.site}" for law in inside[name] if (law.kind, frozenset(law.parameters), law.size) not in alone]
+    labels += [f"{law.kind} at {law.site}" for law in cross]
+    if cross and n_stream is not None:
+        size = sum(law.size for law in cross)
+        if size * dim > MEMORY:
+            n_stream = None
+            notes.append("too many stream law components × parameters to form their Jacobian")
+        else:
+            jacobian = LawSet(cross, layout, shapes).jacobian(theta)
+            for index, basis in bases.values():
+                if len(basis):
+                    part = jacobian[:, index]
+                    jacobian[:, index] = part - (part @ basis.T) @ basis
+            n_stream += int(torch.linalg.matrix_rank(jacobian, rtol=1e-10)) if size else 0
+            # the stream laws are laws: orthogonal to fields of the whole model
+            try:
+                _, f, flayout, scales = _functional(model)
+                order = [layout.index(n) for n, _ in flayout]
+                point = torch.cat([theta[offsets[layout[i]]] for i in order])
+                xs = _random_inputs(inputs, 16, 8 if any(isinstance(m, _NormBase) for m in model.modules()) else 1, generator)
+                with torch.no_grad():
+                    out = f(point, xs[0])
+                ws = _directions(out.shape, 16, loss, generator)
+                with _differentiable():
+                    values = vmap(lambda x, w: grad(lambda t: (f(t, x) * w).sum())(point), chunk_size=4)(xs, ws)
+                _, law_notes = _known_rank(cross, list(flayout), point, values)
+            except ModelError as error:
+                law_notes = [f"the stream laws were not checked against the fields ({error})"]
+            if law_notes:
+                n_stream = None
+                notes += law_notes
+
+    complete = all(b.complete is True for b in results)
+    if not complete:
+        notes.append("not every block is complete: " + ", ".join(b.name for b in results if b.complete is not True))
+    n_laws = None if n_stream is None or any(b.n_laws is None for b in results) else sum(b.n_laws for b in results) + n_stream
+    for note in notes:
+        warnings.warn(f"flowsim.laws.count_blocks: {note}", UserWarning, stacklevel=2)
+    return BlockLawCount(dim, n_block_params, tuple(results), n_stream, tuple(labels), n_laws, complete, "; ".join(notes), time.monotonic() - started)
+
+
+__all__ = ["BlockCount", "BlockLawCount", "LawCount", "count", "count_blocks"]
