@@ -55,6 +55,8 @@ def check_output_path(out: str | os.PathLike | None, resume: bool, overwrite: bo
         return None
     if not isinstance(out, (str, os.PathLike)):
         raise bad_value("run.out", out, "a path (str) ending in .zarr or .nc")
+    if "\x00" in os.fspath(out):
+        raise bad_value("run.out", out, "a path without NUL characters, ending in .zarr or .nc")
     path = Path(out)
     if path.suffix not in SUFFIXES or path.name in SUFFIXES:
         raise ConfigError(f"run.out: got {str(out)!r}; expected a path ending in .zarr or .nc")

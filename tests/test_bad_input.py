@@ -43,6 +43,7 @@ BAD_CONFIGS = {
     "run.t1  ": edit(GOOD, "t1 = 0.5", "t1 = 1e300"),  # never ends
     "run.t1   ": edit(GOOD, "lr = 0.1", "lr = 1e-300"),  # 5e299 SGD steps
     "run.ensemble": edit(GOOD, "t1 = 0.5", "t1 = 0.5\nensemble = 99999999999999999999"),
+    "run.out ": GOOD + 'out = "nul\\u0000.zarr"\n',  # a NUL character: no such path
 }
 
 
