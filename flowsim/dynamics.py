@@ -196,9 +196,8 @@ class MomentumFlow(SemilinearDynamics):
 
         v(0) = −(1+d) / ((1+β)(1−d)) · g_0    (−g_0/(1+β) without dampening),
 
-    which removes the O(h) offset that "rest" leaves. Measured against heavy-ball GD at a fixed
-    time (tests, STUDIES.md): errors 17–70× smaller than "rest"'s, falling like h^1.5 at β = 0.9
-    and h^1.8 at β = 0.5 over the step sizes tried, where "rest" falls like h.
+    which removes the O(h) offset that "rest" leaves (its measured errors against heavy-ball GD:
+    docs, "Dynamics"; tests/test_modified_momentum.py).
 
     ``form="reduced"``: the first-order slow-manifold flow with its O(h) correction, the
     modified equation of heavy ball (found from (1−β)f + (1+β)(h/2)f′f = −g for θ' = f):

@@ -58,10 +58,9 @@ def split_contraction(a: Tensor, b: Tensor) -> Tensor:
     A weight gradient δᵀH has a small output (out × in) and contracts over the N examples; the
     BLAS splits a product's output, not its contraction, across threads, and on 2 cores MKL
     runs these products little faster than on one. The batched product gives each thread its
-    slice of the examples: the MLP gradient of the diffrax benchmark takes 0.85–0.92× the time
-    on 2 cores (``benchmarks/compiled_gradient.py``; the same sums in another order, equal to
-    round-off). Where a slice per thread would be shorter than max(m, n) (many cores) the
-    product is left to the BLAS, which may tile the output well there (not measured)."""
+    slice of the examples (the same sums in another order, equal to round-off; timings in the
+    docs, ``benchmarks/compiled_gradient.py``). Where a slice per thread would be shorter than
+    max(m, n) (many cores) the product is left to the BLAS."""
     (m, k), n = a.shape, b.shape[1]
     slices = torch.get_num_threads()
     if a.device.type != "cpu" or slices < 2 or k < slices * max(m, n) or k % slices:
@@ -77,9 +76,8 @@ class CompiledGradient:
 
     Tracing uses fake tensors, so Python control flow that depends on values is refused (and
     the problem falls back to eager evaluation), never baked in. There is no TorchDynamo: the
-    inputs keep their shape, dtype and device for the whole run, so there is nothing to guard;
-    Dynamo's guards and wrappers cost 0.2–0.35 ms per call, a tenth of an MLP gradient on two
-    CPU cores (``benchmarks/compiled_gradient.py``).
+    inputs keep their shape, dtype and device for the whole run, so there is nothing to guard
+    (what Dynamo's guards cost: ``benchmarks/compiled_gradient.py``, docs "Integrators").
     """
 
     def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor], X: Tensor, y: Tensor) -> None:
@@ -382,11 +380,9 @@ class Problem:
         """(L(θ), ĝ, H (ĝ + shift·θ)) on all examples, H = ∇²L: the gradient and the Hessian
         applied to it in one pass (forward, backward with graph, double backward).
 
-        Double backward measured faster than forward-over-reverse (``torch.func.jvp`` of the
-        gradient, which needs ĝ first and so one more pass): 2.9× vs 5.9× a gradient on an MLP
-        64-128-128-10 on all digits (``benchmarks/hessian_vector.py``; BENCHMARKS.md,
-        "ModifiedFlow's Hessian-vector product"). A chunked problem takes two passes: the
-        gradient, then H v chunk by chunk."""
+        Double backward, not forward-over-reverse (``torch.func.jvp`` of the gradient needs ĝ
+        first, so one more pass; ``benchmarks/hessian_vector.py``). A chunked problem takes two
+        passes: the gradient, then H v chunk by chunk."""
         if self.chunk_size is not None and self.chunk_size < self.n_examples:
             loss, grad = self.loss_and_grad(theta)
             direction = grad.add(theta, alpha=shift) if shift else grad

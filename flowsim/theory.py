@@ -43,11 +43,11 @@ propagated over every save interval by the exact exponential of an augmented mat
 (``solve_linear``): under-, critically and over-damped alike, with no growing exponential
 anywhere, so it stays finite over any run. The companion recorded at save point k is the form
 of what SGD applies over the whole step [t_k, t_{k+1}) (its batch gradient or velocity), so it
-is held constant there. On the noisy batch signal this is 10–50× closer to SGD than a linear
-interpolation between save points, whose error η²(f_k − f_0)/2 is half a step's forcing. A
+is held constant there (a linear interpolation between save points errs by η²(f_k − f_0)/2,
+half a step's forcing; measured: docs, "Theory for broken laws"). A
 record saved every m > 1 steps holds one batch's companion over m steps: the batch noise is
 then sampled, not integrated, and the prediction of a rescale law (whose forcing
-|g_A1|² − |g_A2|² cancels on average) is poor (30% of its range at m = 10 in a test run);
+|g_A1|² − |g_A2|² cancels on average) is poor;
 save every step for the continuous prediction too.
 """
 

@@ -10,7 +10,7 @@ matrix for a state of size S. scipy takes it only as a matrix (an array, or a sp
 a known pattern, which a dense network does not have): no Jacobian-vector product can replace
 it. flowsim lets scipy build it by finite differences, S evaluations per Jacobian, plus an
 O(S³) factorisation, so these methods are refused above ``max_jacobian_size`` (2,000 by
-default, about 1 s of linear algebra per Jacobian). For a stiff flow of a larger network use
+default). For a stiff flow of a larger network use
 ``integrators.Exponential``, which needs no Jacobian.
 """
 
