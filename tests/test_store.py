@@ -185,17 +185,15 @@ def test_two_runs_started_at_once_one_wins(tmp_path):
     """Two `flowsim run` of the same new output started together: exactly one writes it, the
     other exits 2 before touching it (no race on the store being created)."""
     config = tmp_path / "run.toml"
-    config.write_text(CONFIG.replace("t1 = 0.5", "t1 = 20.0").replace("save_every = 0.1", "save_every = 0.5"))
+    config.write_text(CONFIG.replace("t1 = 0.5", "t1 = 5.0").replace("save_every = 0.1", "save_every = 0.5"))
     out = tmp_path / "run.zarr"
     command = [sys.executable, "-m", "flowsim.cli", "run", str(config), "--out", str(out), "--no-progress"]
-    for _ in range(2):
-        store.remove(out)
-        runs = [subprocess.Popen(command, stderr=subprocess.PIPE) for _ in range(2)]
-        codes = sorted(r.wait(timeout=300) for r in runs)
-        errors = [r.stderr.read().decode() for r in runs]
-        assert codes in ([0, 2],), errors
-        assert any("is being written by pid" in e or "exists; pass overwrite" in e for e in errors), errors
-        assert fs.open_record(out).attrs["status"] == "completed"
+    runs = [subprocess.Popen(command, stderr=subprocess.PIPE) for _ in range(2)]
+    codes = sorted(r.wait(timeout=300) for r in runs)
+    errors = [r.stderr.read().decode() for r in runs]
+    assert codes == [0, 2], errors
+    assert any("is being written by pid" in e or "exists; pass overwrite" in e for e in errors), errors
+    assert fs.open_record(out).attrs["status"] == "completed"
 
 
 def test_the_lock_is_released_and_removed(tmp_path):
@@ -297,20 +295,19 @@ def test_a_live_store_reads_cheaply_with_plain_xarray(tmp_path):
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                rows = fs.open_record(out).sizes["time"]
-            except fs.RecordError:
-                rows = 0
-            if rows >= 300:
-                break
+        deadline, rows, allocated = time.monotonic() + 120, 0, 0
+        while rows < 40 and time.monotonic() < deadline:
             time.sleep(0.2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            allocated = xr.open_zarr(out).load().sizes["time"]
-        assert rows >= 256 and allocated <= 4 * max(rows, 256) and allocated < 100_001, (rows, allocated)
-        assert problem.n_params > 0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    live = xr.open_zarr(out).load()  # what plain xarray reads of the live store
+                except (OSError, ValueError, KeyError):
+                    continue
+            rows, allocated = int(np.isfinite(live.time.values).sum()), live.sizes["time"]
+        # one row per flush here (a checkpoint at every save point): allocated doubles past rows
+        assert rows >= 40 and allocated <= 2 * rows, (rows, allocated)
+        assert live.params.shape[1] == problem.n_params
     finally:
         child.kill()
         child.wait()
