@@ -21,24 +21,7 @@ from flowsim.cli import main
 from flowsim.lock import lock_path, output_lock
 
 from conftest import build_problem
-
-CONFIG = """
-[model]
-name = "mlp.mlp"
-depth = 1
-width = 4
-[data]
-name = "digits"
-n_train = 40
-[dynamics]
-name = "DiscreteSGD"
-lr = 0.1
-batch_size = 8
-[run]
-t1 = 0.5
-save_every = 0.1
-"""
-
+from test_errors import GOOD
 
 def snapshot(path):
     """Every file under `path` (or the file itself) with its bytes."""
@@ -82,7 +65,7 @@ def test_an_overwrite_that_fails_leaves_the_old_record_as_it_was(tmp_path, monke
         sgd(out=out, overwrite=True, seed=1)
     assert snapshot(out) == before and leftovers(tmp_path, {out.name}) == []
     config = tmp_path / "run.toml"
-    config.write_text(CONFIG)
+    config.write_text(GOOD)
     assert main(["run", str(config), "--out", str(out), "--overwrite", "--no-progress"]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and snapshot(out) == before
 
@@ -115,7 +98,7 @@ def test_what_flowsim_did_not_write_is_never_replaced(tmp_path, name, capsys):
         with pytest.raises(fs.FlowsimError, match=r"is not a flowsim record"):
             sgd(out=out, **kwargs)
     config = tmp_path / "run.toml"
-    config.write_text(CONFIG)
+    config.write_text(GOOD)
     assert main(["run", str(config), "--out", str(out), "--overwrite", "--no-progress"]) == 2
     assert "not a flowsim record" in capsys.readouterr().err
     assert snapshot(out) == before
@@ -167,7 +150,7 @@ def test_one_process_writes_an_output_at_a_time(tmp_path, capsys):
             with pytest.raises(fs.RecordError, match=rf"^run\.out: .* is being written by pid {holder.pid} "):
                 sgd(out=out, **kwargs)
         config = tmp_path / "run.toml"
-        config.write_text(CONFIG)
+        config.write_text(GOOD)
         assert main(["run", str(config), "--out", str(out), "--overwrite", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"pid {holder.pid}" in err
@@ -185,7 +168,7 @@ def test_two_runs_started_at_once_one_wins(tmp_path):
     """Two `flowsim run` of the same new output started together: exactly one writes it, the
     other exits 2 before touching it (no race on the store being created)."""
     config = tmp_path / "run.toml"
-    config.write_text(CONFIG.replace("t1 = 0.5", "t1 = 5.0").replace("save_every = 0.1", "save_every = 0.5"))
+    config.write_text(GOOD.replace("t1 = 0.5", "t1 = 5.0").replace("save_every = 0.1", "save_every = 0.5"))
     out = tmp_path / "run.zarr"
     command = [sys.executable, "-m", "flowsim.cli", "run", str(config), "--out", str(out), "--no-progress"]
     runs = [subprocess.Popen(command, stderr=subprocess.PIPE) for _ in range(2)]
