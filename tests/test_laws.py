@@ -9,18 +9,22 @@ import flowsim as fs
 from flowsim import data, models
 from flowsim.laws import LawSet, gradient_check
 
+from conftest import orthogonality_bound, roundoff
+
 
 def kinds(laws):
     return [(law.kind, law.site, law.size) for law in laws]
 
 
-def check_orthogonal(model, X, y, loss="cross_entropy", tol=1e-12):
-    """Every law's gradient is orthogonal to the loss gradient at random θ (float64)."""
+def check_orthogonal(model, X, y, loss="cross_entropy", tol=None):
+    """Every law's gradient is orthogonal to the loss gradient at random θ (float64): to
+    `orthogonality_bound`, or to `tol` where the law holds only approximately (BatchNorm)."""
     problem = fs.Problem(model.double(), (X.double(), y), loss=loss)
     laws = fs.laws.detect(model, loss=loss)
     assert laws, "expected laws"
     theta = torch.randn(problem.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     worst = gradient_check(laws, problem, theta)
+    tol = orthogonality_bound(problem, theta) if tol is None else tol
     assert worst.max() < tol, worst.max()
     return laws
 
@@ -70,7 +74,8 @@ def test_vgg_laws_are_orthogonal_to_the_gradient(batch_norm):
     X, y = data.digits(n_train=40)
     torch.manual_seed(0)
     model = models.cnn.vgg(depth=3, width=4, batch_norm=batch_norm, bn_eps=1e-12)
-    check_orthogonal(model, X, y, tol=1e-10 if batch_norm else 1e-12)
+    # BatchNorm's eps = 1e-12 breaks its scale laws at order eps/Var (not round-off): 1e-10
+    check_orthogonal(model, X, y, tol=1e-10 if batch_norm else None)
 
 
 def test_mse_has_no_translation_law():
@@ -186,7 +191,9 @@ ROW_MODELS = {
 @pytest.mark.parametrize("name", ROW_MODELS)
 def test_rows_equal_the_sparse_products(name):
     """LawSet.rows (dense reductions of parameter views where the laws allow, the sparse
-    matrices otherwise) equals LawSet.value on each row, float64, to round-off."""
+    matrices otherwise) equals LawSet.value on each row, float64, to round-off: the same n_c
+    monomials of a component summed in two orders, within roundoff(n_c + 2) of their magnitude
+    (LawSet.magnitude), entry by entry (a lost or doubled term is off by a whole monomial)."""
     build, dense = ROW_MODELS[name]
     torch.manual_seed(0)
     model = build().double()
@@ -195,4 +202,7 @@ def test_rows_equal_the_sparse_products(name):
     assert (law_set._reductions is not None) == dense and law_set.size > 0
     rows = torch.randn(4, law_set.n_params, dtype=torch.float64)
     expected = torch.stack([law_set.value(row) for row in rows])
-    assert (law_set.rows(rows) - expected).abs().max() <= 1e-14 * expected.abs().max()
+    terms = (law_set.jacobian(torch.ones(law_set.n_params, dtype=torch.float64)) != 0).sum(1)  # n_c
+    allowed = roundoff(n_ops=terms + 2) * law_set.magnitude(rows.T).T  # + the squares' and the groups' roundings
+    worst = float(((law_set.rows(rows) - expected).abs() / allowed).max())
+    assert worst < 1, worst
