@@ -33,7 +33,7 @@ import xarray as xr
 from torch import Tensor
 
 from .errors import ConfigError, RecordError
-from .store import checkpoint_path, open_record, record_attrs
+from .store import checkpoint_path, open_record, record_attrs, remove_checkpoint
 
 FORMAT = 1
 
@@ -157,7 +157,7 @@ def resume_point(out: Path, current: dict[str, Any], device: torch.device) -> Ch
         else:  # a record written before the fingerprint was stored
             stored = {k: json.loads(attrs[k]) if k in ("problem", "dynamics", "integrator") else attrs[k] for k in ATTR_FIELDS if k in attrs}
         check_same(stored, current, out)
-        checkpoint_path(out).unlink(missing_ok=True)  # left by a kill just after the run ended
+        remove_checkpoint(out)  # left by a kill just after the run ended
         return open_record(out)
     path = checkpoint_path(out)
     if not path.exists():

@@ -26,7 +26,7 @@ from .laws import Law, LawSet, detect
 from .problem import Problem
 from .lock import output_lock
 from .record import Recorder, check_observe, json_attr
-from .store import NetCDFStore, ZarrStore, check_output_path, check_output_state, checkpoint_path, open_record, replace, staging_path
+from .store import NetCDFStore, ZarrStore, check_output_path, check_output_state, checkpoint_path, open_record, remove_checkpoint, replace, staging_path
 from .store import remove as remove_store
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -322,7 +322,7 @@ def _put_in_place(store: ZarrStore | NetCDFStore | None, out: Path | None, keep_
     if keep_checkpoint:
         os.replace(checkpoint_path(store.path), checkpoint_path(out))
     else:
-        checkpoint_path(out).unlink(missing_ok=True)
+        remove_checkpoint(out)
 
 
 def _check_memory(out: Path | None, n_rows: int, n_laws: int, observe: tuple[str, ...], n_params: int, members) -> None:
@@ -343,7 +343,7 @@ class _Checkpointer:
     its last recorded save point, after the rows up to it are in the store."""
 
     def __init__(self, out: Path | None, identity: dict, recorder: Recorder, every: float, start: ckpt.Checkpoint | None) -> None:
-        self.path = None if out is None else ckpt.checkpoint_path(out)
+        self.out, self.path = out, None if out is None else ckpt.checkpoint_path(out)
         self.identity, self.recorder, self.every = identity, recorder, every
         self.last = None if start is None else start.integrator  # integrator checkpoint of the last recorded point
         self.n_saved = 0 if start is None else start.n_saved
@@ -373,8 +373,8 @@ class _Checkpointer:
 
     def remove(self) -> None:
         """The run has ended: nothing to resume."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        if self.out is not None:
+            remove_checkpoint(self.out)
 
 
 def _check_saved_rows(out: Path, n_saved: int) -> None:

@@ -40,6 +40,14 @@ def checkpoint_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
+def remove_checkpoint(out: str | os.PathLike) -> None:
+    """Delete the checkpoint of the record `out` and the temporary file of a checkpoint write
+    that a kill cut short (``<out>.ckpt.tmp``), if they are there."""
+    path = checkpoint_path(out)
+    for stale in (path, path.with_name(path.name + ".tmp")):
+        stale.unlink(missing_ok=True)
+
+
 def staging_path(out: Path) -> Path:
     """Where ``overwrite=True`` builds the new record of `out` before swapping it in."""
     return out.with_name(out.name + ".new")
@@ -101,7 +109,7 @@ def is_flowsim_record(path: Path) -> bool:
 
 def remove(path: Path) -> None:
     """Delete a store (a folder or a file) and its checkpoint, if they are there."""
-    checkpoint_path(path).unlink(missing_ok=True)
+    remove_checkpoint(path)
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():

@@ -51,7 +51,7 @@ from .ensemble import ENSEMBLE_DYNAMICS
 from .errors import ConfigError, FlowsimError, check_number
 from .lock import output_lock
 from .simulate import save_grid
-from .store import checkpoint_path, replace
+from .store import remove_checkpoint, replace
 
 #: statuses of a finished run: its point is not run again
 FINISHED = ("completed", "diverged")
@@ -147,7 +147,7 @@ def run_members(texts: Sequence[str], outs: Sequence[str | None]) -> list[tuple[
                 creating = store.with_name(store.name + ".creating")
                 record.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
                 replace(creating, store)
-                checkpoint_path(store).unlink(missing_ok=True)
+                remove_checkpoint(store)
         outcomes.append((record.attrs["status"], record.attrs["status_message"], None if out is not None else record))
     return outcomes
 
