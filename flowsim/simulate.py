@@ -49,7 +49,7 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def check_device(device: torch.device | str) -> torch.device:
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"run.device: got {device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device: got {str(device)!r} but no CUDA device is available; use 'cpu'")

@@ -471,6 +471,7 @@ FOUND = {
     "TOML text opening with a long comment": "#" + "x" * 300 + "\n" + _with("sgd", "run"),
     "integrator.step_size far below t1": _with("teacher", "integrator", step_size=1e-300),
     "run.out naming a folder of the user's": _with("sgd", "run", out="data.zarr", overwrite=True),
+    "run.device an integer beyond int64": _with("sgd", "run", device=2**63),
 }
 
 
