@@ -104,7 +104,7 @@ def cases(device: torch.device, dtype: torch.dtype, scale: int = 1):
 def horizon(problem: fs.Problem, tol: float, evaluations: int) -> float:
     """The t1 at which RK("dopri5") has made about `evaluations` evaluations (stepping in t by
     0.01, doubling)."""
-    loop = _AdaptiveLoop(RK("dopri5", rtol=tol, atol=tol), vector_field(fs.GradientFlow(), problem), problem.initial_theta(), SaveGrid((0.0,)))
+    loop = _AdaptiveLoop(RK("dopri5", rtol=tol, atol=tol), vector_field(fs.GradientFlow().term(problem, problem.initial_theta())), problem.initial_theta(), SaveGrid((0.0,)))
     t, dt = 0.0, 0.01
     while loop.state.nfe < evaluations:
         t, dt = t + dt, 2 * dt
@@ -137,7 +137,7 @@ def solves(problem: fs.Problem, tol: float, evaluations: int, repeats: int) -> N
         integrator = RK("dopri5", rtol=tol, atol=tol, **options)
 
         def run() -> None:
-            *_, last = integrator.solve(flow, problem, theta0, grid, 0)
+            *_, last = integrator.solve(flow.term(problem, theta0), grid, 0)
             torch.cuda.synchronize()
             counted[name] = last.nfe
 

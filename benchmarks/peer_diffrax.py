@@ -139,7 +139,7 @@ def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool, d
         inside: dict[str, list[float]] = {}
 
         def flowsim_run(name: str, compiled: bool) -> Callable[[], None]:
-            f = vector_field(flow, problem, compile=compiled)
+            f = vector_field(flow.term(problem, problem.initial_theta()), compile=compiled)
 
             def run() -> None:  # RK("dopri5").solve's loop, its vector field timed
                 timed = Timed(f)
@@ -154,7 +154,7 @@ def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool, d
             integrator = RK("dopri5", rtol=tol, atol=tol, sync_every=16, cuda_graph=cuda_graph)
 
             def run() -> None:  # the whole RK.solve, its decisions on the GPU
-                *_, last = integrator.solve(flow, problem, theta0, grid, 0)
+                *_, last = integrator.solve(flow.term(problem, theta0), grid, 0)
                 sync()
                 finals[name], evaluations[name] = last.theta, last.nfe
 

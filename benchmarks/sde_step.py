@@ -27,7 +27,7 @@ def stepper(integrator, dynamics, problem):
     """A function that advances `integrator` by one step of its (long) grid each call."""
     dt = integrator.dt
     grid = SaveGrid(tuple(k * dt for k in range(100_000)))
-    points = integrator.solve(dynamics, problem, problem.initial_theta(), grid, seed=0)
+    points = integrator.solve(dynamics.term(problem, problem.initial_theta()), grid, seed=0)
     next(points)  # the initial point
     return lambda: next(points)
 

@@ -12,8 +12,11 @@ with λ the problem's weight decay, and g = ĝ + λθ with ĝ the data-loss grad
 | MomentumFlow  | (h/2)(1+β)θ'' + (1−β)θ' = −g, h = η(1−d); state (θ, v = θ')           |
 | SGDNoise      | dθ = b dt + √η G dW, G Gᵀ = (c/S) Cov_i[∇ℓ_i], b = −g or −∇L̃         |
 
-A continuous dynamics gives an ODE integrator ``initial_state``, ``derivative`` and ``split``
-(state → θ and velocity); a discrete one gives the step loop ``initial_state`` and ``step``.
+Bound to a problem and θ0, a dynamics hands its integrator a *term* (flowsim.terms):
+``term_type`` says which kind before anything is bound, ``term(problem, theta0)`` builds it.
+A flow gives a VectorField (``derivative``, ``split``), MomentumFlow a Semilinear one,
+SGDNoise a Noise term, DiscreteSGD a StepMap. Which integrator runs a term by default is
+flowsim.defaults' table.
 """
 
 from __future__ import annotations
@@ -30,12 +33,24 @@ from torch import Tensor
 
 from .errors import ConfigError, bad_value, check_field
 from .problem import Problem
+from .terms import Noise, Semilinear, StepMap, StepResult, Term, VectorField
 
 
 class Dynamics(ABC):
     """Base class: hyper-parameters of one dynamics (frozen dataclasses)."""
 
-    continuous: ClassVar[bool]
+    #: True when it runs a (K, P) batch of ensemble members through the problem's batched
+    #: methods (``loss_and_grad``, ``loss``, ``loss_grad_hvp``), updating θ elementwise
+    batched: ClassVar[bool] = False
+
+    @property
+    def term_type(self) -> type[Term]:
+        """The kind of term it hands an integrator (known before any problem is bound)."""
+        return VectorField
+
+    @abstractmethod
+    def term(self, problem: Problem, theta0: Tensor) -> Term:
+        """Its term on `problem` from θ0 (a (K, P) θ0 for an ensemble)."""
 
     @property
     def name(self) -> str:
@@ -52,15 +67,33 @@ class Dynamics(ABC):
     def check(self, problem: Problem) -> None:
         """Raise ConfigError if these hyper-parameters cannot run on `problem`."""
 
-    @abstractmethod
-    def default_integrator(self):
-        """The integrator used when ``simulate(integrator=None)``."""
+    def state_size(self, problem: Problem) -> int:
+        """Length of the state an integrator moves (θ alone: P)."""
+        return problem.n_params
 
 
 class ContinuousDynamics(Dynamics):
     """θ (and possibly a velocity) as one flat state y, moved by y' = derivative(t, y)."""
 
-    continuous = True
+    def term(self, problem: Problem, theta0: Tensor) -> VectorField:
+        return self._field(problem, self.initial_state(problem, theta0))
+
+    def _field(self, problem: Problem, y0: Tensor) -> VectorField:
+        """The term y' = derivative(problem, t, y) from y0, of type ``term_type`` with its
+        ``_parts``; ``compiled()`` rebinds it to the problem's compiled gradient."""
+        return self.term_type(
+            f=functools.partial(self.derivative, problem),
+            y0=y0,
+            split=functools.partial(self.split, problem),
+            members=problem.members,
+            error_norm=problem.error_norm,
+            compiled=lambda: self._field(problem.compiled_gradient(), y0),
+            **self._parts(problem),
+        )
+
+    def _parts(self, problem: Problem) -> dict[str, Any]:
+        """What a term of ``term_type`` takes beyond a vector field's (a Semilinear one: M and N)."""
+        return {}
 
     def initial_state(self, problem: Problem, theta0: Tensor) -> Tensor:
         return theta0.clone()
@@ -73,21 +106,12 @@ class ContinuousDynamics(Dynamics):
         """(θ, velocity or None) as views of the state."""
         return y, None
 
-    def state_size(self, problem: Problem) -> int:
-        """Length of the flat state y (θ alone: P)."""
-        return problem.n_params
-
-    def default_integrator(self):
-        """dopri5 at rtol = atol = 1e-6: ReLU-type networks make the flow non-smooth, and an
-        adaptive solver pays for every kink it resolves; tighten it for accuracy work."""
-        from flowsim.integrators import ODE
-
-        return ODE("dopri5", rtol=1e-6, atol=1e-6)
-
 
 @dataclass(frozen=True)
 class GradientFlow(ContinuousDynamics):
     """θ' = −∇L_λ(θ) = −(ĝ(θ) + λθ), on the full data."""
+
+    batched: ClassVar[bool] = True
 
     def derivative(self, problem: Problem, t: Tensor, y: Tensor) -> Tensor:
         _, grad = problem.loss_and_grad(y)
@@ -100,6 +124,13 @@ class SemilinearDynamics(ContinuousDynamics):
     """y' = (M ⊗ I_P) y + N(t, y): the state is k stacked vectors of length P (θ, a velocity…)
     and M a k×k matrix, the linear and possibly stiff part that an exponential integrator
     (``integrators.Exponential``) solves exactly; N is the rest (the gradients)."""
+
+    @property
+    def term_type(self) -> type[Term]:
+        return Semilinear
+
+    def _parts(self, problem: Problem) -> dict[str, Any]:
+        return {"linear": self.linear_part(problem), "nonlinear": functools.partial(self.nonlinear_part, problem)}
 
     @abstractmethod
     def linear_part(self, problem: Problem) -> Tensor:
@@ -142,6 +173,7 @@ class ModifiedFlow(ContinuousDynamics):
     λ = 0, translation laws are conserved and d|θ_A|²/dt = η|ĝ_A|² exactly."""
 
     lr: float
+    batched: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_field(self, "dynamics", "lr", minimum=0.0, exclusive_minimum=True)
@@ -241,14 +273,14 @@ class MomentumFlow(SemilinearDynamics):
         """τ = (1−β)/m, the damping coefficient of θ'' + τθ' = −g/m."""
         return (1.0 - self.momentum) / self.mass
 
-    def default_integrator(self):
-        """second_order: the exponential integrator (exact on the stiff damping) at rtol = atol =
-        1e-6; reduced: dopri5 at rtol = atol = 1e-6."""
-        if self.form == "reduced":
-            return super().default_integrator()
-        from flowsim.integrators import Exponential
+    @property
+    def term_type(self) -> type[Term]:
+        """second_order: a Semilinear term (its default integrator, the exponential one, is exact
+        on the stiff damping); reduced: a plain VectorField."""
+        return VectorField if self.form == "reduced" else Semilinear
 
-        return Exponential(rtol=1e-6, atol=1e-6)
+    def _parts(self, problem: Problem) -> dict[str, Any]:
+        return {} if self.form == "reduced" else super()._parts(problem)
 
     def initial_state(self, problem: Problem, theta0: Tensor) -> Tensor:
         if self.form == "reduced":
@@ -292,19 +324,6 @@ class SGDState:
     buffer: Tensor | None = None
 
 
-@dataclass
-class StepResult:
-    """What step k used and made: ĝ_k on its batch, the velocity v_{k+1} that moves θ_k to
-    θ_{k+1} (θ_{k+1} = θ_k − η v_{k+1}; None without momentum), the batch loss, and whether the
-    batch was the full data (then that loss is L(θ_k))."""
-
-    state: SGDState
-    grad: Tensor
-    velocity: Tensor | None
-    batch_loss: Tensor
-    full_batch: bool
-
-
 #: how DiscreteSGD draws its batches: reshuffled each epoch (a DataLoader), or afresh every step
 SAMPLINGS = ("epoch", "independent")
 
@@ -325,7 +344,7 @@ class DiscreteSGD(Dynamics):
     dampening: float = 0.0
     nesterov: bool = False
     sampling: str = "epoch"
-    continuous: ClassVar[bool] = False
+    batched: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_field(self, "dynamics", "lr", minimum=0.0, exclusive_minimum=True)
@@ -356,13 +375,13 @@ class DiscreteSGD(Dynamics):
                 "examples of the data (or None for full batch)"
             )
 
-    def default_integrator(self):
-        from flowsim.integrators import Discrete
+    @property
+    def term_type(self) -> type[Term]:
+        return StepMap
 
-        return Discrete()
-
-    def initial_state(self, problem: Problem, theta0: Tensor) -> SGDState:
-        return SGDState(theta0.clone())
+    def term(self, problem: Problem, theta0: Tensor) -> StepMap:
+        """The step map of ``step`` from θ0 (no momentum buffer yet)."""
+        return StepMap(init=SGDState(theta0.clone()), step=functools.partial(self.step, problem), members=problem.members)
 
     def batch(self, problem: Problem, k: int, seed: int) -> Tensor | None:
         """Example indices of step k: epoch e = k // batches_per_epoch is a permutation drawn
@@ -379,7 +398,7 @@ class DiscreteSGD(Dynamics):
         return _epoch_order(n, seed, epoch, problem.device)[j * self.batch_size : (j + 1) * self.batch_size]
 
     def step(self, problem: Problem, state: SGDState, k: int, seed: int) -> StepResult:
-        """One step of torch.optim.SGD from θ_k."""
+        """One step of torch.optim.SGD from θ_k (StepResult: v_{k+1} moves θ_k to θ_{k+1} = θ_k − η v_{k+1})."""
         index = problem.batch_indices(self, k, seed)  # an ensemble with member seeds: one batch per member
         loss, grad = problem.loss_and_grad(state.theta, index)
         d_p = grad.add(state.theta, alpha=problem.weight_decay) if problem.weight_decay else grad
@@ -424,8 +443,8 @@ class SGDNoise(Dynamics):
       the symmetries and exists to show the difference.
     - ``paths``: independent paths from the same θ0, recorded along a ``path`` dimension.
 
-    The default integrator is ``FusedEulerMaruyama(dt=lr)``: with the gradient drift its step is
-    θ − η g + η G ξ, Gaussian SGD.
+    The default integrator is ``FusedEulerMaruyama(dt=lr)`` (flowsim.defaults): with the gradient
+    drift its step is θ − η g + η G ξ, Gaussian SGD.
     """
 
     lr: float
@@ -433,9 +452,6 @@ class SGDNoise(Dynamics):
     drift: str = "gradient"
     noise: str = "exact"
     paths: int = 1
-    continuous: ClassVar[bool] = True
-    #: the integrators that run it: ``runs = "sde"``
-    kind: ClassVar[str] = "sde"
 
     def __post_init__(self) -> None:
         check_field(self, "dynamics", "lr", minimum=0.0, exclusive_minimum=True)
@@ -447,9 +463,24 @@ class SGDNoise(Dynamics):
             raise bad_value("dynamics.noise", self.noise, f"one of {', '.join(NOISES)}")
 
     @property
-    def members(self) -> tuple[str, int]:
-        """The record's leading dimension over independent runs: ("path", paths)."""
-        return ("path", self.paths)
+    def term_type(self) -> type[Term]:
+        return Noise
+
+    @property
+    def time_step(self) -> float:
+        """η: the time one SGD step advances (FusedEulerMaruyama's default step)."""
+        return self.lr
+
+    def term(self, problem: Problem, theta0: Tensor) -> Noise:
+        """The SDE on `paths` paths from θ0, its increment fused (``euler_maruyama_step``)."""
+        return Noise(
+            y0=theta0,
+            paths=self.paths,
+            noise_size=self.noise_size(problem),
+            drift=functools.partial(self.drift_at, problem),
+            diffusion=functools.partial(self.diffusion, problem),
+            increment=functools.partial(self.euler_maruyama_step, problem),
+        )
 
     def coords(self) -> dict[str, float | int | str]:
         return {**super().coords(), "drift": self.drift, "noise": self.noise}
@@ -459,11 +490,6 @@ class SGDNoise(Dynamics):
             raise ConfigError(
                 f"dynamics.batch_size: got {self.batch_size}; expected at most the {problem.n_examples} examples of the data"
             )
-
-    def default_integrator(self):
-        from flowsim.integrators import FusedEulerMaruyama
-
-        return FusedEulerMaruyama(dt=self.lr)
 
     # ------------------------------------------------------------------ the SDE, one path θ (P,)
     def noise_size(self, problem: Problem) -> int:

@@ -27,13 +27,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .dynamics import DiscreteSGD, Dynamics, GradientFlow, ModifiedFlow
+from .dynamics import Dynamics
 from .errors import ConfigError, ModelError, bad_value, check_fits_memory, check_number, check_seed
-from .problem import Problem, _per_example_loss
+from .problem import BatchSampler, Problem, _per_example_loss
 
-#: the dynamics an ensemble runs: those that touch the problem only through the batched methods
-#: below (``loss_and_grad``, ``loss``, ``loss_grad_hvp``) and update θ elementwise
-ENSEMBLE_DYNAMICS: tuple[type[Dynamics], ...] = (GradientFlow, ModifiedFlow, DiscreteSGD)
+
+def check_batched(dynamics: Dynamics, field: str) -> None:
+    """ConfigError (naming `field`) unless `dynamics` runs members at once (``Dynamics.batched``)."""
+    if not dynamics.batched:
+        raise ConfigError(
+            f"{field}: {dynamics.name} cannot run as an ensemble; expected a dynamics that touches the problem only "
+            "through its batched gradients (GradientFlow, ModifiedFlow, DiscreteSGD)"
+        )
 
 
 class Ensemble:
@@ -58,12 +63,12 @@ class Ensemble:
     def __getattr__(self, name: str):
         return getattr(self.problem, name)
 
-    def batch_indices(self, dynamics: DiscreteSGD, k: int, seed: int) -> Tensor | None:
+    def batch_indices(self, sampler: BatchSampler, k: int, seed: int) -> Tensor | None:
         """Step k's mini-batch: the run's, drawn from `seed` and shared by the members (S,); with
         ``member_seeds``, every member's own, drawn as its own run draws it (K, S); None for full batch."""
         if self.member_seeds is None:
-            return dynamics.batch(self.problem, k, seed)
-        rows = [dynamics.batch(self.problem, k, s) for s in self.member_seeds]
+            return sampler.batch(self.problem, k, seed)
+        rows = [sampler.batch(self.problem, k, s) for s in self.member_seeds]
         return None if rows[0] is None else torch.stack(rows)
 
     def compiled_gradient(self) -> Ensemble:
@@ -224,9 +229,7 @@ def check_ensemble(ensemble: int | Tensor | None, dynamics: Dynamics, problem: P
     """The ensemble argument of ``simulate``: None, a number of members K ≥ 1, or (K, P) initial parameters."""
     if ensemble is None:
         return None
-    if not isinstance(dynamics, ENSEMBLE_DYNAMICS):
-        names = ", ".join(d.__name__ for d in ENSEMBLE_DYNAMICS)
-        raise ConfigError(f"run.ensemble: {dynamics.name} cannot run as an ensemble; expected one of {names}")
+    check_batched(dynamics, "run.ensemble")
     if isinstance(ensemble, Tensor):
         if ensemble.ndim != 2 or ensemble.shape[0] < 1 or ensemble.shape[1] != problem.n_params or not ensemble.is_floating_point():
             raise ConfigError(

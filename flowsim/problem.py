@@ -19,7 +19,7 @@ import copy
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +28,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import DataError, ModelError, bad_value, check_number
+from .terms import Members
 
-if TYPE_CHECKING:
-    from .dynamics import DiscreteSGD
+
+class BatchSampler(Protocol):
+    """What draws mini-batches (``DiscreteSGD``): step k's example indices from `seed`."""
+
+    def batch(self, problem: Problem, k: int, seed: int) -> Tensor | None: ...
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -114,6 +118,11 @@ class Problem:
 
     **Raises** `DataError` or `ModelError` naming what is wrong, before anything is computed.
     """
+
+    #: (dim, K) when θ is a (K, P) batch of independent members (``flowsim.ensemble.Ensemble``)
+    members: Members | None = None
+    #: an adaptive method's error norm when the members need their own (None: RMS over all entries)
+    error_norm: Callable[[Tensor], Tensor] | None = None
 
     def __init__(
         self,
@@ -288,10 +297,10 @@ class Problem:
         X, y = (self.X, self.y) if index is None else (self.X[index], self.y[index])
         return _per_example_loss(self.loss_kind, self._forward(theta, X), y)
 
-    def batch_indices(self, dynamics: DiscreteSGD, k: int, seed: int) -> Tensor | None:
-        """Step k's mini-batch as `dynamics` draws it from `seed` (``DiscreteSGD.batch``); an
+    def batch_indices(self, sampler: BatchSampler, k: int, seed: int) -> Tensor | None:
+        """Step k's mini-batch as `sampler` draws it from `seed` (``DiscreteSGD.batch``); an
         ``Ensemble`` draws one per member when its members have their own seeds."""
-        return dynamics.batch(self, k, seed)
+        return sampler.batch(self, k, seed)
 
     def loss(self, theta: Tensor, index: Tensor | None = None) -> Tensor:
         """L(θ): mean data loss (no weight-decay penalty) over `index` (all examples by default)."""

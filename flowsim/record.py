@@ -25,10 +25,10 @@ import xarray as xr
 from torch import Tensor
 
 from .errors import ConfigError
-from .integrators import SavePoint
 from .laws import LawSet
 from .problem import Problem
 from .store import NetCDFStore, ZarrStore, open_record
+from .terms import SavePoint
 
 OBSERVABLES = ("loss", "grad_norm", "sharpness", "params")
 
@@ -142,15 +142,15 @@ class Recorder:
     def restore(self, n_saved: int, state: dict[str, Any]) -> None:
         """Continue a run whose first `n_saved` rows are in the store, with the observers' `state`."""
         self._sharp_vector = state.get("sharp_vector")
-        if n_saved == 0:
-            return
-        if isinstance(self.store, NetCDFStore):  # rewritten whole at each flush: held in memory
+        if isinstance(self.store, NetCDFStore) and n_saved:  # rewritten whole at each flush: held in memory
             rows = open_record(self.store.path).isel(time=slice(0, n_saved))
             for name, var in rows.variables.items():
                 if "time" in var.dims:
                     self.columns[name] = [var.values]
         self.n_saved = self.n_written = n_saved
-        if isinstance(self.store, ZarrStore):
+        # the zarr store a killed run left (even with n_saved = 0: killed after its first rows and
+        # before the checkpoint that counts them); its rows after the first n_saved are written again
+        if isinstance(self.store, ZarrStore) and self.store.path.exists():
             self.store.reopen(n_saved, self.attrs)
 
     # ------------------------------------------------------------------ rows
@@ -159,7 +159,7 @@ class Recorder:
         nothing) if any value of its row is not finite (θ, loss, gradient, law forms, norms)."""
         problem, theta = self.problem, point.theta
         grad, loss = point.grad, point.loss
-        each = _each if not hasattr(problem, "members") else lambda fn, *args: fn(*args)  # an Ensemble evaluates (K, P) at once
+        each = _each if problem.members is None else lambda fn, *args: fn(*args)  # an Ensemble evaluates (K, P) at once
         if grad is None:
             loss, grad = each(problem.loss_and_grad, theta)
         elif loss is None and "loss" in self.observe:

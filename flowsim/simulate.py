@@ -16,7 +16,7 @@ import xarray as xr
 
 from . import __version__
 from . import checkpoint as ckpt
-from .config import to_toml
+from .defaults import check_pairing, default_integrator
 from .dynamics import Dynamics
 from .ensemble import check_ensemble, check_member_seeds, ensemble_start
 from .errors import ConfigError, FlowsimError, IntegrationError, ModelError, RecordError, bad_value, check_fits_memory, check_flag, check_number, check_seed
@@ -28,6 +28,8 @@ from .lock import output_lock
 from .record import Recorder, check_observe, json_attr
 from .store import NetCDFStore, ZarrStore, check_output_path, check_output_state, checkpoint_path, open_record, remove_checkpoint, replace, staging_path
 from .store import remove as remove_store
+from .terms import StepMap
+from .toml import run_toml
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -79,7 +81,7 @@ def save_grid(dynamics: Dynamics, t1: float, save_every: float) -> SaveGrid:
             f"run.save_every: got {save_every:g}, which gives {t1 / save_every:.3g} save points up to t1 = {t1:g}; "
             f"expected at most {MAX_SAVE_POINTS:g}"
         )
-    if dynamics.continuous:
+    if not issubclass(dynamics.term_type, StepMap):
         n = math.floor(t1 / save_every + 1e-9)
         times = [k * save_every for k in range(n + 1)]
         if t1 - times[-1] > 1e-9 * t1:
@@ -189,7 +191,7 @@ def simulate(
         raise ConfigError(f"problem: got {type(problem).__name__}; expected flowsim.Problem")
     if not isinstance(dynamics, Dynamics):
         raise ConfigError(f"dynamics: got {type(dynamics).__name__}; expected a flowsim dynamics")
-    integrator = dynamics.default_integrator() if integrator is None else integrator
+    integrator = default_integrator(dynamics) if integrator is None else integrator
     if not isinstance(integrator, Integrator):
         raise ConfigError(f"integrator: got {type(integrator).__name__}; expected a flowsim integrator")
     device, dtype = check_device(device), check_dtype(dtype)
@@ -203,9 +205,10 @@ def simulate(
     t1 = check_number("run.t1", t1, minimum=0.0, exclusive_minimum=True)
     save_every = check_number("run.save_every", save_every, minimum=0.0, exclusive_minimum=True)
     grid = save_grid(dynamics, t1, save_every)
-    integrator.check(dynamics, dtype)
+    check_pairing(dynamics, integrator)
+    integrator.check_dtype(dtype)
     dynamics.check(problem)
-    integrator.check_problem(dynamics, problem)
+    integrator.check_size(dynamics.state_size(problem))
     integrator.check_device(device)
     integrator.check_grid(grid)
     problem.check_parameters()
@@ -240,13 +243,13 @@ def simulate(
             "dtype": str(dtype).removeprefix("torch."),
             "status": "running",
             "status_message": "",
-            "config": config if config is not None else to_toml(problem, dynamics, integrator, t1, save_every, seed, device, dtype),
+            "config": config if config is not None else run_toml(problem, dynamics, integrator, t1, save_every, seed, device, dtype),
             "fingerprint": json_attr(identity),
         }
         coords = {**dynamics.coords(), "weight_decay": problem.weight_decay, "seed": seed}
-        members = getattr(dynamics, "members", None)  # (dim, K): θ is a (K, P) batch of independent runs
+        term = dynamics.term(problem, theta0)
+        members = term.members  # (dim, K): θ is a (K, P) batch of independent runs
         if ensemble is not None:
-            members = problem.members
             attrs["ensemble"] = members[1]
             if member_seeds is not None:
                 coords["seed"] = (members[0], list(member_seeds))
@@ -268,11 +271,11 @@ def simulate(
         first = recorder.n_saved
         last_time = grid.times[first - 1] if first else grid.times[0]
         bar = tqdm(total=grid.times[-1], initial=last_time, unit="t", disable=not progress or not sys.stderr.isatty(), leave=False)
-        resume_from = {} if start is None or start.integrator is None else {"start": start.integrator}
+        resume_from = None if start is None else start.integrator
         status, message = "completed", ""
         try:
             try:
-                for point in integrator.solve(dynamics, problem, theta0, grid, seed, **resume_from):
+                for point in integrator.solve(term, grid, seed, resume_from):
                     if not recorder.add(point, run.wall_time()):
                         status = "diverged"
                         message = (

@@ -46,28 +46,18 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .config import PROBLEM_KEYS, RUN_KEYS, dumps, load_config
-from .ensemble import ENSEMBLE_DYNAMICS
+from .config import PROBLEM_KEYS, RUN_KEYS, load_config
+from .ensemble import check_batched
 from .errors import ConfigError, FlowsimError, check_number
 from .lock import output_lock
 from .simulate import save_grid
 from .store import remove_checkpoint, replace
+from .toml import dumps, read_toml
 
 #: statuses of a finished run: its point is not run again
 FINISHED = ("completed", "diverged")
 #: where a bare name in `over` goes when the config does not already set it
 _SEARCH = ("run", "problem", "dynamics", "integrator", "model", "data")
-
-
-def _config_tables(config: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    path = None if str(config).lstrip().startswith("[") else Path(config)
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config: {str(path)!r} is not a file")
-    text = path.read_text() if path is not None else str(config)
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: not valid TOML ({exc})") from exc
 
 
 def _locate(name: str, tables: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
@@ -293,7 +283,7 @@ def sweep(
     **Raises** ConfigError before any work if the grid or any point's config is invalid, or if
     the scheduler at `client` does not answer; RecordError if another process holds `out`.
     """
-    tables = _config_tables(config)
+    tables = read_toml(config)[1]
     grid = _check_over(over)
     workers = int(workers)
     if workers < 1:
@@ -330,9 +320,8 @@ def sweep(
             save_grid(checked.dynamics, checked.run["t1"], checked.run["save_every"])
         except FlowsimError as exc:
             raise ConfigError(f"sweep point {_point_name(point)}: {exc}") from exc
-        if ensemble_seeds and not isinstance(checked.dynamics, ENSEMBLE_DYNAMICS):
-            names = ", ".join(d.__name__ for d in ENSEMBLE_DYNAMICS)
-            raise ConfigError(f"sweep.ensemble_seeds: {checked.dynamics.name} cannot run as an ensemble; expected one of {names}")
+        if ensemble_seeds:
+            check_batched(checked.dynamics, "sweep.ensemble_seeds")
         points.append(point)
         texts.append(text)
     # the folder is this sweep's alone from its first write to its return

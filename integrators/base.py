@@ -1,4 +1,5 @@
-"""What every integrator shares: the save grid it is asked for and the points it yields.
+"""What every integrator shares: the base class, its solve contract and its checks (the save
+grid it is asked for and the points it yields are flowsim.terms').
 
 **The checkpoint contract** (every integrator; `simulate` relies on it to resume a run):
 
@@ -12,7 +13,7 @@
    on the same device and dtype for deterministic integrators) and the same ``step``/``nfe``
    counts, which continue from the checkpoint's.
 3. Randomness (mini-batches, Brownian increments) is a pure function of ``(seed, position)``
-   (e.g. ``DiscreteSGD.batch(problem, k, seed)``), or its generator state is in the checkpoint,
+   (e.g. the batch of SGD step k), or its generator state is in the checkpoint,
    so a resumed run draws the same numbers.
 
 An integrator that cannot continue yields ``checkpoint=None``; a resumed run then starts over
@@ -23,43 +24,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
 from flowsim.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class SaveGrid:
-    """Where to save: `times` (t = k·lr units), and for discrete dynamics the step index of each."""
-
-    times: tuple[float, ...]
-    steps: tuple[int, ...] | None = None
-
-
-@dataclass
-class SavePoint:
-    """The state at one save time, with what the integrator already knows there.
-
-    `grad` is ĝ (the data-loss gradient without weight decay) that moves θ from here, `velocity`
-    the velocity that moves it, `loss` the full-data loss at θ; each is None when the
-    integrator does not have it for free (the recorder then computes what it needs).
-    `step` counts the integrator's steps so far, `nfe` its evaluations of the dynamics.
-    For a dynamics with ``members = (dim, K)`` (SGDNoise's paths) θ, grad, velocity and loss
-    carry a leading batch dimension of K independent members: θ is (K, P).
-    `checkpoint` is the integrator's state after this point (see the module docstring)."""
-
-    time: float
-    step: int
-    nfe: int
-    theta: Tensor
-    grad: Tensor | None = None
-    velocity: Tensor | None = None
-    loss: Tensor | None = None
-    checkpoint: dict[str, Any] | None = None
+from flowsim.terms import SaveGrid, SavePoint, Term
 
 
 #: the most steps a fixed-step integrator or SGD may take in one run (a run that would need more
@@ -87,26 +58,23 @@ def check_fixed_step(field: str, step: float | None, grid: SaveGrid, why: str) -
 
 
 class Integrator(ABC):
-    """HOW the dynamics move: yields a SavePoint at every time of the grid, in order."""
+    """HOW the dynamics move: integrates a term (flowsim.terms) of the type it declares in
+    `term`, yielding a SavePoint at every time of the grid, in order. `order` is its order of
+    convergence (None: none applies, e.g. the step map that is the dynamics itself)."""
 
-    #: the kind of dynamics it runs: "continuous" (deterministic ODE), "discrete", "sde"
-    runs: ClassVar[str]
+    #: the term type it integrates (a subclass of it too: a Semilinear term is a VectorField)
+    term: ClassVar[type[Term]]
+    #: its order of convergence in the step size
+    order: ClassVar[int | None]
 
     def describe(self) -> dict[str, Any]:
         return {"name": type(self).__name__, **asdict(self)}
 
-    def check(self, dynamics, dtype: torch.dtype) -> None:
-        """Raise ConfigError if this integrator cannot run `dynamics` in `dtype`."""
-        kind = "discrete" if not dynamics.continuous else getattr(dynamics, "kind", "continuous")
-        if kind != self.runs:
-            raise ConfigError(
-                f"integrator: {type(self).__name__} integrates {self.runs} dynamics, but "
-                f"{dynamics.name} is {kind}; leave integrator=None for its default "
-                f"({type(dynamics.default_integrator()).__name__})"
-            )
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ConfigError (or warn) if this integrator cannot honour its settings in `dtype`."""
 
-    def check_problem(self, dynamics, problem) -> None:
-        """Raise ConfigError if this integrator cannot run `dynamics` on `problem` (its size…)."""
+    def check_size(self, size: int) -> None:
+        """Raise ConfigError if this integrator cannot run a state of `size` numbers."""
 
     def check_device(self, device: torch.device) -> None:
         """Raise ConfigError if this integrator cannot run on `device`."""
@@ -116,8 +84,7 @@ class Integrator(ABC):
         longer than the save interval)."""
 
     @abstractmethod
-    def solve(
-        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
-    ) -> Iterator[SavePoint]:
-        """Move from θ0 at t=grid.times[0] and yield the state at every grid time; with `start`
-        (a yielded ``SavePoint.checkpoint``), go on after that point instead."""
+    def solve(self, term: Term, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None) -> Iterator[SavePoint]:
+        """Move the term's state from t = grid.times[0] and yield it at every grid time; with
+        `start` (a yielded ``SavePoint.checkpoint``), go on after that point instead (an
+        integrator whose points carry no checkpoint is never given one)."""

@@ -6,35 +6,35 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from torch import Tensor
+from flowsim.terms import StepMap
 
 from .base import Integrator, SaveGrid, SavePoint
 
 
 @dataclasses.dataclass(frozen=True)
 class Discrete(Integrator):
-    """Runs a discrete dynamics (DiscreteSGD) exactly: θ_{k+1} = step(θ_k). At a save step k
-    it records θ_k with the batch gradient and velocity of step k (those that move θ_k).
+    """Runs a step map (DiscreteSGD) exactly: state_{k+1} = step(state_k, k, seed). At a save
+    step k it records θ_k with the batch gradient and velocity of step k (those that move θ_k).
+    It has no order: the step map is the dynamics itself.
 
     Its checkpoint after save step k is ``{"index", "step": k + 1, "state"}``, the fields of the
-    dynamics' state dataclass after step k (θ_{k+1}, the momentum buffer); the batches are a pure
+    state dataclass after step k (θ_{k+1}, the momentum buffer); the batches are a pure
     function of (seed, step), so nothing else is needed to go on."""
 
-    runs = "discrete"
+    term = StepMap
+    order = None
 
-    def solve(
-        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
-    ) -> Iterator[SavePoint]:
-        state = dynamics.initial_state(problem, theta0)
+    def solve(self, term: StepMap, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None) -> Iterator[SavePoint]:
+        state = term.init
         first, k = 0, 0
         if start is not None:
             first, k = start["index"] + 1, start["step"]
             state = dataclasses.replace(state, **start["state"])
         for index in range(first, len(grid.times)):
-            result = dynamics.step(problem, state, k, seed)
+            result = term.step(state, k, seed)
             while k < grid.steps[index]:
                 state, k = result.state, k + 1
-                result = dynamics.step(problem, state, k, seed)
+                result = term.step(state, k, seed)
             loss = result.batch_loss if result.full_batch else None
             fields = {f.name: getattr(result.state, f.name) for f in dataclasses.fields(result.state)}
             checkpoint = {"index": index, "step": k + 1, "state": fields}

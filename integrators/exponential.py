@@ -1,7 +1,7 @@
 """An exponential Runge–Kutta integrator for stiff semilinear flows: the linear part exactly.
 
 For y' = (M ⊗ I_P) y + N(t, y), with the state k stacked vectors of length P and M a small
-k×k matrix (``SemilinearDynamics.linear_part``; MomentumFlow's damping −τ ∝ −1/η is in it),
+k×k matrix (a ``Semilinear`` term's ``linear``; MomentumFlow's damping −τ ∝ −1/η is in it),
 a step of size h uses only the φ-functions of Z = hM and Z/2,
 
     φ_0(Z) = e^Z,  φ_{j+1}(Z) = ∫_0^1 e^{(1−s)Z} s^j / j! ds,
@@ -28,11 +28,13 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from flowsim.errors import ConfigError, IntegrationError, check_field
+from flowsim.terms import Semilinear, VectorField
 
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 
@@ -137,26 +139,24 @@ TABLEAUS = {"krogstad": KROGSTAD, "hochbruck_ostermann": HOCHBRUCK_OSTERMANN}
 
 
 class _Semilinear:
-    """The dynamics seen as M and N, with blocks applied as (k×k) @ (k×P); counts evaluations."""
+    """A term seen as M and N, with blocks applied as (k×k) @ (k×P); counts evaluations."""
 
-    def __init__(self, dynamics, problem, like: Tensor, tableau: ExponentialTableau) -> None:
-        from flowsim.dynamics import SemilinearDynamics
-
-        self.dynamics, self.problem, self.tableau = dynamics, problem, tableau
-        if isinstance(dynamics, SemilinearDynamics):
-            self.linear = dynamics.linear_part(problem).to(torch.float64)
-            self.field = dynamics.nonlinear_part
+    def __init__(self, term: VectorField, tableau: ExponentialTableau) -> None:
+        self.tableau = tableau
+        if isinstance(term, Semilinear):
+            self.linear = term.linear.to(torch.float64)
+            self.field = term.nonlinear
         else:  # M = 0: the classical RK4 (Krogstad) with the same error estimate
             self.linear = torch.zeros(1, 1, dtype=torch.float64)
-            self.field = dynamics.derivative
+            self.field = term.f
         self.k = self.linear.shape[0]
-        self.like = like
+        self.like = term.y0
         self.nfe = 0
         self._cache: dict[float, tuple] = {}
 
     def __call__(self, t: float, y: Tensor) -> Tensor:
         self.nfe += 1
-        return self.field(self.problem, torch.tensor(t, dtype=torch.float64), y)
+        return self.field(torch.tensor(t, dtype=torch.float64), y)
 
     def weights(self, h: float) -> tuple:
         """(e^{c_i Z} per stage, h·a_ij, h·b_i, e^Z) as k×k matrices for a step of size h (cached)."""
@@ -190,8 +190,8 @@ class _Semilinear:
 
 @dataclass(frozen=True)
 class Exponential(Integrator):
-    """Krogstad's exponential RK4 on any continuous dynamics; on a ``SemilinearDynamics``
-    (MomentumFlow) its linear part is solved exactly, so a stiff damping costs nothing.
+    """Krogstad's exponential RK4 on any vector-field term; on a ``Semilinear`` one
+    (MomentumFlow's) its linear part is solved exactly, so a stiff damping costs nothing.
 
     **Arguments**
 
@@ -203,7 +203,8 @@ class Exponential(Integrator):
     - `max_steps`: accepted and rejected steps allowed before the run stops as diverged.
 
     It lands exactly on every save time (no interpolation), so save intervals shorter than
-    its natural step cost extra steps.
+    its natural step cost extra steps. Its checkpoint at a save point holds the state, N there,
+    the next step size and the counters, so a resumed run is the uninterrupted one bit for bit.
     """
 
     method: str = "krogstad"
@@ -212,7 +213,11 @@ class Exponential(Integrator):
     step_size: float | None = None
     first_step: float | None = None
     max_steps: int = 1_000_000
-    runs = "continuous"
+    term = VectorField
+
+    @property
+    def order(self) -> int:
+        return TABLEAUS[self.method].order
 
     def __post_init__(self) -> None:
         if self.method not in TABLEAUS:
@@ -224,8 +229,7 @@ class Exponential(Integrator):
                 check_field(self, "integrator", name, minimum=0.0, exclusive_minimum=True)
         check_field(self, "integrator", "max_steps", integer=True, minimum=1)
 
-    def check(self, dynamics, dtype: torch.dtype) -> None:
-        super().check(dynamics, dtype)
+    def check_dtype(self, dtype: torch.dtype) -> None:
         if self.step_size is None and dtype == torch.float32 and self.rtol < 1e-6:
             warnings.warn(
                 f"integrator.rtol={self.rtol:g} is below what float32 can honour (about 1e-6); "
@@ -236,15 +240,22 @@ class Exponential(Integrator):
     def check_grid(self, grid: SaveGrid) -> None:
         check_fixed_step("integrator.step_size", self.step_size, grid, "a longer step would be cut to the interval")
 
-    def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
-        y = dynamics.initial_state(problem, theta0)
-        f = _Semilinear(dynamics, problem, y, TABLEAUS[self.method])
-        t, n1 = grid.times[0], None
-        steps = attempts = 0
-        h = self.step_size
-        theta, velocity = dynamics.split(problem, y)
-        yield SavePoint(t, 0, 0, theta, velocity=velocity)
-        for target in grid.times[1:]:
+    def solve(self, term: VectorField, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None) -> Iterator[SavePoint]:
+        f = _Semilinear(term, TABLEAUS[self.method])
+
+        def checkpoint(index: int) -> dict[str, Any]:
+            return {"index": index, "y": y, "n1": n1, "h": h, "steps": steps, "attempts": attempts, "nfe": f.nfe}
+
+        if start is None:
+            y, n1, h, steps, attempts, first = term.y0, None, self.step_size, 0, 0, 1
+            theta, velocity = term.split(y)
+            yield SavePoint(grid.times[0], 0, 0, theta, velocity=velocity, checkpoint=checkpoint(0))
+        else:
+            y, n1, h, steps, attempts, f.nfe = (start[k] for k in ("y", "n1", "h", "steps", "attempts", "nfe"))
+            first = start["index"] + 1
+        t = grid.times[first - 1]
+        for index in range(first, len(grid.times)):
+            target = grid.times[index]
             while t < target:
                 if attempts >= self.max_steps:
                     raise IntegrationError(f"Exponential: max_steps={self.max_steps} reached at t={t:g}")
@@ -274,8 +285,8 @@ class Exponential(Integrator):
                     t = target if step == target - t else t + step
                     y, n1 = y_new, n_new
                     steps += 1
-            theta, velocity = dynamics.split(problem, y)
-            yield SavePoint(target, steps, f.nfe, theta, velocity=velocity)
+            theta, velocity = term.split(y)
+            yield SavePoint(target, steps, f.nfe, theta, velocity=velocity, checkpoint=checkpoint(index))
 
     @staticmethod
     def _step(f: _Semilinear, t: float, y: Tensor, n1: Tensor, h: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,6 +15,7 @@ from torchdiffeq._impl.rk_common import _RungeKuttaState
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver, FixedGridODESolver
 
 from flowsim.errors import ConfigError, IntegrationError, check_field
+from flowsim.terms import VectorField
 
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 
@@ -36,18 +37,18 @@ def _options_of(method: str) -> tuple[str, ...]:
     return tuple(sorted(names - {"self", "func", "y0", "rtol", "atol"}))
 
 
-class _VectorField(torch.nn.Module):
-    """y' = dynamics.derivative(t, y), counting evaluations, accepted and attempted steps,
+class _Counted(torch.nn.Module):
+    """y' = f(t, y) of a vector-field term, counting evaluations, accepted and attempted steps,
     and stopping the run after `max_steps` attempted steps."""
 
-    def __init__(self, dynamics, problem, max_steps: int | None = None) -> None:
+    def __init__(self, term: VectorField, max_steps: int | None = None) -> None:
         super().__init__()
-        self.dynamics, self.problem, self.max_steps = dynamics, problem, max_steps
+        self.field, self.max_steps = term.f, max_steps
         self.nfe = self.accepted = self.attempted = 0
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1
-        return self.dynamics.derivative(self.problem, t, y)
+        return self.field(t, y)
 
     def count_step(self, *_: Tensor) -> None:
         self.accepted += 1
@@ -86,7 +87,7 @@ class ODE(Integrator):
 
     Adaptive methods (dopri5, dopri8, bosh3, adaptive_heun, fehlberg2) control the local error
     to ``atol + rtol·|y|``; fixed-grid methods (euler, midpoint, heun2, heun3, rk4, the Adams
-    methods) take ``step_size`` (None: one step per save interval). ``max_steps`` caps the steps
+    methods) take ``step_size`` (None: one step per save interval). `order` is the method's. ``max_steps`` caps the steps
     (accepted or rejected) of the whole run: reaching it ends the run as "diverged". ``options``
     passes any other torchdiffeq option of the method (e.g. ``max_num_steps`` per save interval,
     ``first_step``); unknown ones are refused.
@@ -103,7 +104,7 @@ class ODE(Integrator):
     step_size: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     max_steps: int | None = None
-    runs = "continuous"
+    term = VectorField
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in ADAPTIVE + FIXED:
@@ -141,10 +142,13 @@ class ODE(Integrator):
     def adaptive(self) -> bool:
         return self.method in ADAPTIVE
 
-    def check(self, dynamics, dtype: torch.dtype) -> None:
-        """Besides the kind of dynamics: an adaptive method's rtol must be resolvable in `dtype`
-        (at least 8 machine epsilons: float32 cannot honour rtol below about 1e-6)."""
-        super().check(dynamics, dtype)
+    @property
+    def order(self) -> int:
+        return SOLVERS[self.method].order
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """An adaptive method's rtol must be resolvable in `dtype` (at least 8 machine epsilons:
+        float32 cannot honour rtol below about 1e-6)."""
         if self.adaptive:
             check_rtol(self.rtol, dtype)
 
@@ -154,7 +158,7 @@ class ODE(Integrator):
 
     def _solver(self, f, y0: Tensor, t: Tensor, norm=None):
         """torchdiffeq's solver object for `method` on y' = f(t, y) from y0 (`norm`: the error
-        norm when the problem has its own, as an ensemble's worst member has)."""
+        norm when the term has its own, as an ensemble's worst member has)."""
         options = dict(self.options)
         if self.step_size is not None:
             options["step_size"] = self.step_size
@@ -168,22 +172,19 @@ class ODE(Integrator):
         except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
             raise ConfigError(f"integrator.options: torchdiffeq refused them ({type(exc).__name__}: {exc})") from exc
 
-    def solve(
-        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
-    ) -> Iterator[SavePoint]:
-        f = _VectorField(dynamics, problem, self.max_steps)
+    def solve(self, term: VectorField, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None) -> Iterator[SavePoint]:
+        f = _Counted(term, self.max_steps)
         if self.adaptive:  # torchdiffeq calls these before every step and after every accepted one
             f.callback_step, f.callback_accept_step = f.count_attempt, f.count_step
-        y0 = dynamics.initial_state(problem, theta0)
-        t = torch.tensor(grid.times, dtype=torch.float64, device=y0.device)
-        solver = self._solver(f, y0, t, getattr(problem, "error_norm", None))  # an ensemble: every member meets the tolerance
+        t = torch.tensor(grid.times, dtype=torch.float64, device=term.y0.device)
+        solver = self._solver(f, term.y0, t, term.error_norm)  # an ensemble: every member meets the tolerance
         states = self._adaptive(solver, t, f, start) if self.adaptive else self._fixed(solver, t, f, start)
         for index, y, checkpoint in states:
-            theta, velocity = dynamics.split(problem, y)
+            theta, velocity = term.split(y)
             yield SavePoint(grid.times[index], f.accepted, f.nfe, theta, velocity=velocity, checkpoint=checkpoint)
 
     @staticmethod
-    def _adaptive(solver, t: Tensor, f: _VectorField, start: dict[str, Any] | None) -> Iterator[tuple[int, Tensor, dict]]:
+    def _adaptive(solver, t: Tensor, f: _Counted, start: dict[str, Any] | None) -> Iterator[tuple[int, Tensor, dict]]:
         """solver.integrate, yielding (index, y, checkpoint) at each save time as it is reached."""
         solver._before_integrate(t)
 
@@ -219,7 +220,7 @@ class ODE(Integrator):
             yield index, y, checkpoint(index)
 
     @staticmethod
-    def _fixed(solver, t: Tensor, f: _VectorField, start: dict[str, Any] | None) -> Iterator[tuple[int, Tensor, dict]]:
+    def _fixed(solver, t: Tensor, f: _Counted, start: dict[str, Any] | None) -> Iterator[tuple[int, Tensor, dict]]:
         """FixedGridODESolver.integrate, yielding (index, y, checkpoint) at each save time as it is
         passed. A checkpoint holds the grid node before the step that passed it (its y, the
         counters and an Adams method's history there): resuming takes that step again."""

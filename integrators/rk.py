@@ -24,6 +24,7 @@ y(t0 + x h) = y0 + h Kᵀ w(x), one product per save point and nothing per step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from flowsim.errors import ConfigError, IntegrationError, bad_value, check_field
+from flowsim.terms import VectorField
 
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 from .ode import check_rtol
@@ -185,7 +187,7 @@ class RK(Integrator):
     compile: bool = False
     sync_every: int | None = None
     cuda_graph: bool = False
-    runs: ClassVar[str] = "continuous"
+    term: ClassVar[type[VectorField]] = VectorField
 
     def __post_init__(self) -> None:
         if self.method not in TABLEAUS:
@@ -228,40 +230,45 @@ class RK(Integrator):
     def tableau(self) -> ButcherTableau:
         return TABLEAUS[self.method]
 
-    def check(self, dynamics, dtype: torch.dtype) -> None:
-        super().check(dynamics, dtype)
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
         if self.tableau.adaptive:
             check_rtol(self.rtol, dtype)
 
-    def solve(
-        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
-    ) -> Iterator[SavePoint]:
-        """No checkpoints yet (SavePoint.checkpoint is None): a resumed run starts over, and
-        `start` is never given."""
-        y0 = dynamics.initial_state(problem, theta0)
-        field, shape = vector_field(dynamics, problem, compile=self.compile), y0.shape
+    def solve(self, term: VectorField, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None) -> Iterator[SavePoint]:
+        """The host loops' checkpoint at a save point is the loop's whole state (``RKState``, and
+        the fixed grid's next node), so a resumed run is the uninterrupted one bit for bit; the
+        device loop (``sync_every``) keeps its state on the device and gives none (a resumed run
+        starts over)."""
+        y0, shape = term.y0, term.y0.shape
+        field = vector_field(term, compile=self.compile)
         # an ensemble's (K, …) state runs flat (its error norm is over every entry, as torchdiffeq's)
         f = field if y0.ndim == 1 else lambda t, y, out: field(t, y.view(shape), out.view(shape))
         kind = _FixedLoop if not self.tableau.adaptive else _AdaptiveLoop if self.sync_every is None else _DeviceLoop
-        loop = kind(self, f, y0.reshape(-1), grid)
-        # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
-        yield SavePoint(grid.times[0], 0, loop.state.nfe, *dynamics.split(problem, y0))
-        for time in grid.times[1:]:
-            theta, velocity = dynamics.split(problem, loop.advance(time).view(shape))
-            yield SavePoint(time, loop.state.accepted, loop.state.nfe, theta, velocity=velocity)
+        loop = kind(self, f, y0.reshape(-1), grid, start)
+        first = 1 if start is None else start["index"] + 1
+        if start is None:  # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
+            yield SavePoint(grid.times[0], 0, loop.state.nfe, *term.split(y0), checkpoint=loop.checkpoint(0))
+        for index in range(first, len(grid.times)):
+            theta, velocity = term.split(loop.advance(grid.times[index]).view(shape))
+            yield SavePoint(grid.times[index], loop.state.accepted, loop.state.nfe, theta, velocity=velocity, checkpoint=loop.checkpoint(index))
 
 
-def vector_field(dynamics, problem, compile: bool = False) -> Callable[[float | Tensor, Tensor, Tensor], None]:
-    """f(t, y, out): out ← y'(t) = dynamics.derivative(problem, t, y). A float time goes in as
-    one 0-d float64 tensor refilled at each call (no allocation on the solver's side); a 0-d
-    tensor (the device loop's time, on the device) goes in as it is."""
-    derivative = dynamics.derivative
-    if compile:  # the dynamics' gradients through one compiled forward+backward graph
-        problem = problem.compiled_gradient()
+def vector_field(term: VectorField, compile: bool = False) -> Callable[[float | Tensor, Tensor, Tensor], None]:
+    """f(t, y, out): out ← y'(t), the term's field (through its compiled gradient with
+    `compile`). A float time goes in as one 0-d float64 tensor refilled at each call (no
+    allocation on the solver's side); a 0-d tensor (the device loop's time, on the device) goes
+    in as it is."""
+    if compile:  # the field's gradients through one compiled forward+backward graph
+        term = term.compiled() if term.compiled is not None else term
+    field = term.f
     time = torch.zeros((), dtype=torch.float64)
 
     def f(t: float | Tensor, y: Tensor, out: Tensor) -> None:
-        out.copy_(derivative(problem, t if isinstance(t, Tensor) else time.fill_(t), y))
+        out.copy_(field(t if isinstance(t, Tensor) else time.fill_(t), y))
 
     return f
 
@@ -292,9 +299,10 @@ class RKState:
 
 
 class _Loop:
-    """The stages of one step on preallocated buffers; subclasses own the step control."""
+    """The stages of one step on preallocated buffers; subclasses own the step control. With
+    `start` (a checkpoint of ``checkpoint``) it goes on from the state held there."""
 
-    def __init__(self, integrator: RK, f: Callable[[float, Tensor, Tensor], None], y0: Tensor, grid: SaveGrid) -> None:
+    def __init__(self, integrator: RK, f: Callable[[float, Tensor, Tensor], None], y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None) -> None:
         tab = integrator.tableau
         self.integrator, self.tableau, self.f = integrator, tab, f
         # rows of K: the s stages, and f(t1, y1) after them where the last stage is not at y1
@@ -305,7 +313,17 @@ class _Loop:
         self.b = torch.tensor(tab.b, **like)
         stages = torch.empty(rows, *y0.shape, **like)
         self.y_stage = torch.empty_like(y0)
-        self.state = RKState(grid.times[0], grid.times[0], 0.0, 0.0, y0.clone(), y0.clone(), stages, rolled=True)
+        if start is None:
+            self.state = RKState(grid.times[0], grid.times[0], 0.0, 0.0, y0.clone(), y0.clone(), stages, rolled=True)
+        else:  # the checkpoint's tensors are copies, which the loop may now own
+            self.state = RKState(**{field.name: start[field.name] for field in dataclasses.fields(RKState)})
+
+    def checkpoint(self, index: int) -> dict[str, Any] | None:
+        """Everything to go on after save point `index`: the state, its tensors copied (the loop
+        writes into them)."""
+        s = self.state
+        fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+        return {"index": index, **{k: v.clone() if isinstance(v, Tensor) else v for k, v in fields.items()}}
 
     def _evaluate(self, t: float, y: Tensor, out: Tensor) -> None:
         self.state.nfe += 1
@@ -335,8 +353,8 @@ class _Loop:
 class _FixedLoop(_Loop):
     """torchdiffeq's fixed grid (``step_size``, or the save times) and its linear interpolation."""
 
-    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
-        super().__init__(integrator, f, y0, grid)
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None) -> None:
+        super().__init__(integrator, f, y0, grid, start)
         times = torch.tensor(grid.times, dtype=torch.float64)
         if integrator.step_size is not None:  # FixedGridODESolver._grid_constructor_from_step_size
             n = torch.ceil((times[-1] - times[0]) / integrator.step_size + 1).item()
@@ -344,7 +362,10 @@ class _FixedLoop(_Loop):
             steps[-1] = times[-1]
             times = steps
         self.grid = times.tolist()
-        self.next = 1
+        self.next = 1 if start is None else start["next"]
+
+    def checkpoint(self, index: int) -> dict[str, Any]:
+        return {**super().checkpoint(index), "next": self.next}
 
     def advance(self, time: float) -> Tensor:
         s = self.state
@@ -368,10 +389,11 @@ class _FixedLoop(_Loop):
 class _AdaptiveLoop(_Loop):
     """torchdiffeq's RKAdaptiveStepsizeODESolver: error control, step-size update, dense output."""
 
-    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
-        super().__init__(integrator, f, y0, grid)
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None) -> None:
+        super().__init__(integrator, f, y0, grid, start)
         tab, s = self.tableau, self.state
-        self._evaluate(s.t0, s.y0, s.stages[0])
+        if start is None:
+            self._evaluate(s.t0, s.y0, s.stages[0])
         like = dict(dtype=y0.dtype, device=y0.device)
         self.b_error = torch.tensor(tab.b_error, **like)
         self.error = torch.empty_like(y0)
@@ -384,7 +406,8 @@ class _AdaptiveLoop(_Loop):
         e0[0], f1[self.f1_row] = 1.0, 1.0
         b[: tab.stages], m[: tab.stages] = torch.tensor(tab.b, dtype=torch.float64), torch.tensor(tab.b_mid, dtype=torch.float64)
         self.dense = torch.stack([e0, f1 - 4 * e0 - 5 * b + 16 * m, 5 * e0 - 3 * f1 + 14 * b - 32 * m, 2 * (f1 - e0) - 8 * b + 16 * m])
-        s.dt = integrator.first_step if integrator.first_step is not None else self._initial_step()
+        if start is None:
+            s.dt = integrator.first_step if integrator.first_step is not None else self._initial_step()
 
     def _initial_step(self) -> float:
         s = self.state
@@ -482,8 +505,8 @@ class _DeviceLoop(_AdaptiveLoop):
 
     WARM_UP: ClassVar[int] = 2
 
-    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid) -> None:
-        super().__init__(integrator, f, y0, grid)
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None) -> None:
+        super().__init__(integrator, f, y0, grid, start)
         s = self.state
         like64 = dict(dtype=torch.float64, device=y0.device)
         self.work = s.stages.clone()  # work[0] = f(t0, y0)
@@ -581,6 +604,10 @@ class _DeviceLoop(_AdaptiveLoop):
         if time == s.t1:
             return s.y1.clone()
         return self._interpolate(time)
+
+    def checkpoint(self, index: int) -> None:
+        """None: the loop's state lives on the device between synchronisations."""
+        return None
 
     def _steps_needed(self, distance: float) -> float:
         """Steps to cover `distance` if each multiplies dt by the growth g seen in the last

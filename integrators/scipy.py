@@ -2,7 +2,7 @@
 
 The solver object is stepped directly (what ``solve_ivp`` does inside), so save points stream
 out as the run goes: a save time passed by a step is read off the step's dense output. Each
-evaluation crosses the torch↔numpy bridge once: the float64 state goes to the problem's
+evaluation crosses the torch↔numpy bridge once: the float64 state goes to the state's
 device as one tensor, the derivative comes back as one array.
 
 The implicit methods (Radau, BDF, LSODA) need the Jacobian of the vector field, a dense S×S
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.integrate
@@ -25,19 +26,22 @@ import torch
 from torch import Tensor
 
 from flowsim.errors import ConfigError, IntegrationError, check_field
+from flowsim.terms import VectorField
 
 from .base import Integrator, SaveGrid, SavePoint
 
 EXPLICIT = ("RK45", "DOP853", "RK23")
 IMPLICIT = ("Radau", "BDF", "LSODA")
 METHODS = EXPLICIT + IMPLICIT
+#: the order of each method's propagated solution (BDF and LSODA vary theirs)
+ORDERS = {"RK45": 5, "DOP853": 8, "RK23": 3, "Radau": 5, "BDF": None, "LSODA": None}
 
 
 class _Bridge:
-    """The dynamics as scipy's f(t, y) on float64 arrays; counts evaluations."""
+    """A vector-field term as scipy's f(t, y) on float64 arrays; counts evaluations."""
 
-    def __init__(self, dynamics, problem, like: Tensor) -> None:
-        self.dynamics, self.problem, self.like = dynamics, problem, like
+    def __init__(self, term: VectorField) -> None:
+        self.field, self.like = term.f, term.y0
         self.nfe = 0
 
     def to_torch(self, y: np.ndarray) -> Tensor:
@@ -45,7 +49,7 @@ class _Bridge:
 
     def __call__(self, t: float, y: np.ndarray) -> np.ndarray:
         self.nfe += 1
-        dy = self.dynamics.derivative(self.problem, torch.tensor(t, dtype=torch.float64), self.to_torch(y))
+        dy = self.field(torch.tensor(t, dtype=torch.float64), self.to_torch(y))
         out = dy.detach().cpu().numpy()
         if not np.isfinite(out).all():
             raise IntegrationError(f"SciPy: non-finite derivative at t={t:g}")
@@ -76,7 +80,7 @@ class SciPy(Integrator):
     max_jacobian_size: int = 2000
     first_step: float | None = None
     max_step: float | None = None
-    runs = "continuous"
+    term = VectorField
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,13 +92,16 @@ class SciPy(Integrator):
             if getattr(self, name) is not None:
                 check_field(self, "integrator", name, minimum=0.0, exclusive_minimum=True)
 
-    def check(self, dynamics, dtype: torch.dtype) -> None:
-        super().check(dynamics, dtype)
+    @property
+    def order(self) -> int | None:
+        """The order of the propagated solution (None for BDF and LSODA, whose order varies)."""
+        return ORDERS[self.method]
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
         if dtype != torch.float64:
             raise ConfigError(f"run.dtype: got {str(dtype).removeprefix('torch.')}; the SciPy integrator computes in float64")
 
-    def check_problem(self, dynamics, problem) -> None:
-        size = dynamics.state_size(problem)
+    def check_size(self, size: int) -> None:
         if self.method in IMPLICIT and size > self.max_jacobian_size:
             raise ConfigError(
                 f"integrator.method: {self.method} needs a dense {size}×{size} Jacobian ({size} evaluations "
@@ -102,16 +109,17 @@ class SciPy(Integrator):
                 "raise that limit, or use an explicit method (RK45, DOP853) or integrators.Exponential for stiff flows"
             )
 
-    def solve(self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int) -> Iterator[SavePoint]:
-        y0 = dynamics.initial_state(problem, theta0)
-        f = _Bridge(dynamics, problem, y0)
+    def solve(self, term: VectorField, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None) -> Iterator[SavePoint]:
+        """No checkpoints (scipy's solver state is its own): a resumed run starts over."""
+        y0 = term.y0
+        f = _Bridge(term)
         options = {k: getattr(self, k) for k in ("first_step", "max_step") if getattr(self, k) is not None}
         solver_class = getattr(scipy.integrate, self.method)
         times = grid.times
         solver = solver_class(
             f, times[0], y0.detach().cpu().numpy().astype(np.float64), times[-1], rtol=self.rtol, atol=self.atol, **options
         )
-        theta, velocity = dynamics.split(problem, y0)
+        theta, velocity = term.split(y0)
         yield SavePoint(times[0], 0, 0, theta, velocity=velocity)
         j, steps = 1, 0
         while j < len(times):
@@ -126,7 +134,7 @@ class SciPy(Integrator):
                 else:
                     dense = solver.dense_output() if dense is None else dense
                     y = dense(times[j])
-                theta, velocity = dynamics.split(problem, f.to_torch(y))
+                theta, velocity = term.split(f.to_torch(y))
                 yield SavePoint(times[j], steps, f.nfe, theta, velocity=velocity)
                 j += 1
 

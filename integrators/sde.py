@@ -24,6 +24,7 @@ from torchsde._core.methods import select
 from torchsde.settings import METHODS, NOISE_TYPES, SDE_TYPES
 
 from flowsim.errors import ConfigError, check_field
+from flowsim.terms import Noise
 
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 from .brownian import brownian_increments, fixed_steps
@@ -41,22 +42,21 @@ GENERAL_NOISE_ITO = tuple(
 )
 
 
-class _SGDNoiseSDE(torch.nn.Module):
-    """torchsde's view of SGDNoise on a (paths, P) state: drift and G·v, path by path."""
+class _NoiseSDE(torch.nn.Module):
+    """torchsde's view of a noise term on a (paths, P) state: drift and G·v, path by path."""
 
     noise_type = NOISE_TYPES.general
     sde_type = SDE_TYPES.ito
 
-    def __init__(self, dynamics, problem) -> None:
+    def __init__(self, term: Noise) -> None:
         super().__init__()
-        self.dynamics, self.problem = dynamics, problem
+        self.term = term
         self.nfe = 0
 
     def f_and_g_prod(self, t: Tensor, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.nfe += 1
-        d, p = self.dynamics, self.problem
-        drift = torch.stack([d.drift_at(p, theta) for theta in y])
-        noise = torch.stack([d.diffusion(p, theta, w) for theta, w in zip(y, v)])
+        drift = torch.stack([self.term.drift(theta) for theta in y])
+        noise = torch.stack([self.term.diffusion(theta, w) for theta, w in zip(y, v)])
         return drift, noise
 
 
@@ -94,6 +94,7 @@ class SDE(Integrator):
     ``adaptive=True``: torchsde's step doubling to ``atol + rtol·|y|`` from `dt`, never below
     `dt_min`, on a ``BrownianInterval`` per save interval seeded by (seed, interval); torchsde
     does not guarantee convergence of adaptive Euler–Maruyama for multiplicative noise.
+    Its `order` is Euler–Maruyama's weak order (strong: ½).
 
     **Raises** ConfigError for a method torchsde lacks for Itô SDEs with general noise.
     """
@@ -104,7 +105,8 @@ class SDE(Integrator):
     rtol: float = 1e-5
     atol: float = 1e-4
     dt_min: float = 1e-5
-    runs = "sde"
+    term = Noise
+    order = 1
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -130,15 +132,13 @@ class SDE(Integrator):
     def check_grid(self, grid: SaveGrid) -> None:
         check_fixed_step("integrator.dt", None if self.adaptive else self.dt, grid, "a longer step would be cut to the interval")
 
-    def solve(
-        self, dynamics, problem, theta0: Tensor, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None
-    ) -> Iterator[SavePoint]:
+    def solve(self, term: Noise, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None) -> Iterator[SavePoint]:
         """Its checkpoint at save index i is ``{"index": i, "step": k, "nfe", "y"}``: the
         increments are a pure function of (seed, path, step), or of (seed, interval) with
         ``adaptive=True``, whose step size starts again from `dt` in every interval."""
-        sde = _SGDNoiseSDE(dynamics, problem)
-        size = dynamics.noise_size(problem)
-        increments = _StepIncrements(seed, dynamics.paths, size, theta0.dtype, theta0.device)
+        sde = _NoiseSDE(term)
+        size, paths = term.noise_size, term.paths
+        increments = _StepIncrements(seed, paths, size, term.y0.dtype, term.y0.device)
         solver = _method_class(self.method)(
             sde=ForwardSDE(sde),
             bm=increments,
@@ -150,7 +150,7 @@ class SDE(Integrator):
             options={},
         )
         if start is None:
-            y, k, first = theta0.expand(dynamics.paths, -1).clone(), 0, 1
+            y, k, first = term.y0.expand(paths, -1).clone(), 0, 1
             yield SavePoint(grid.times[0], 0, 0, y, checkpoint={"index": 0, "step": 0, "nfe": 0, "y": y})
         else:
             y, k, first, sde.nfe = start["y"], start["step"], start["index"] + 1, start["nfe"]
@@ -158,7 +158,7 @@ class SDE(Integrator):
             t0, t1 = grid.times[interval], grid.times[interval + 1]
             if self.adaptive:
                 solver.bm = BrownianInterval(
-                    t0, t1, size=(dynamics.paths, size), dtype=y.dtype, device=y.device, entropy=_interval_seed(seed, interval)
+                    t0, t1, size=(paths, size), dtype=y.dtype, device=y.device, entropy=_interval_seed(seed, interval)
                 )
                 with warnings.catch_warnings():  # the class docstring says it once
                     warnings.simplefilter("ignore", UserWarning)

@@ -112,7 +112,7 @@ def work_precision(problem: fs.Problem, quick: bool) -> xr.Dataset:
 
     def final(integrator):
         start = time.perf_counter()
-        *_, end = integrator.solve(flow, problem, theta0, grid, seed=0)
+        *_, end = integrator.solve(flow.term(problem, theta0), grid, seed=0)
         return end.theta.clone(), end.nfe, time.perf_counter() - start
 
     reference, reference_nfe, _ = final(SciPy("DOP853", rtol=1e-13, atol=1e-13))

@@ -30,8 +30,8 @@ def smooth():
 
 def both(method: str, problem, theta0, grid=GRID, **kwargs):
     flow = fs.GradientFlow()
-    reference = list(ODE(method, **kwargs).solve(flow, problem, theta0, grid, 0))
-    fused = list(RK(method, **kwargs).solve(flow, problem, theta0, grid, 0))
+    reference = list(ODE(method, **kwargs).solve(flow.term(problem, theta0), grid, 0))
+    fused = list(RK(method, **kwargs).solve(flow.term(problem, theta0), grid, 0))
     return reference, fused
 
 
@@ -73,7 +73,7 @@ def summation_order_bound(method, tol, problem, theta0, grid, field_roundoff=0.0
     Never from a measured round-off: the README's 1.4e-12 for dopri8 at rtol 1e-10 is this term.
     A bug in a loop (a wrong coefficient, stage, time or dense weight) gives an O(h^p) error of
     the size of E itself (1e-7 … 1e-3 here) or other steps, orders of magnitude above."""
-    field = vector_field(fs.GradientFlow(), problem)
+    field = vector_field(fs.GradientFlow().term(problem, problem.initial_theta()))
     loop = _Conditioned(RK(method, rtol=tol, atol=tol), field, theta0, grid)
     states = [loop.advance(t) for t in grid.times[1:]]
     looser = _AdaptiveLoop(RK(method, rtol=10 * tol, atol=10 * tol), field, theta0, grid)
@@ -127,8 +127,8 @@ def test_device_control_takes_the_steps_of_the_host(smooth, method, tol, sync_ev
     apart through its step sizes; bound ~1e-11)."""
     problem, theta0 = smooth
     grid = SaveGrid((0.0, 0.5, 1.0, 1.5, 3.0))
-    host = list(RK(method, rtol=tol, atol=tol).solve(fs.GradientFlow(), problem, theta0, grid, 0))
-    device = list(RK(method, rtol=tol, atol=tol, sync_every=sync_every).solve(fs.GradientFlow(), problem, theta0, grid, 0))
+    host = list(RK(method, rtol=tol, atol=tol).solve(fs.GradientFlow().term(problem, theta0), grid, 0))
+    device = list(RK(method, rtol=tol, atol=tol, sync_every=sync_every).solve(fs.GradientFlow().term(problem, theta0), grid, 0))
     assert [(p.step, p.nfe) for p in device] == [(p.step, p.nfe) for p in host]
     bound = summation_order_bound(method, tol, problem, theta0, grid)
     for p, q in zip(host, device):
@@ -141,8 +141,8 @@ def test_device_control_rejects_like_the_host_and_wastes_little():
     launches past a save time (masked, wasted) stay few."""
     problem = build_problem("mlp", n=64).to(dtype=torch.float64)
     theta0, grid = problem.initial_theta(), SaveGrid(tuple(0.25 * k for k in range(9)))
-    host = _AdaptiveLoop(RK("dopri5", rtol=1e-6, atol=1e-6), vector_field(fs.GradientFlow(), problem), theta0, grid)
-    device = _DeviceLoop(RK("dopri5", rtol=1e-6, atol=1e-6, sync_every=16), vector_field(fs.GradientFlow(), problem), theta0, grid)
+    host = _AdaptiveLoop(RK("dopri5", rtol=1e-6, atol=1e-6), vector_field(fs.GradientFlow().term(problem, problem.initial_theta())), theta0, grid)
+    device = _DeviceLoop(RK("dopri5", rtol=1e-6, atol=1e-6, sync_every=16), vector_field(fs.GradientFlow().term(problem, problem.initial_theta())), theta0, grid)
     bound = summation_order_bound("dopri5", 1e-6, problem, theta0, grid)
     for time in grid.times[1:]:
         assert relative(device.advance(time), host.advance(time)) < bound
@@ -157,7 +157,7 @@ def test_device_loop_reads_back_seldom_and_launches_no_more_than_needed():
     the steps expected at the growth of the last chunk) waste no attempt (measured: 320
     attempts, 320 launched) and read the state back about once per ten attempts (29 reads)."""
     problem = build_problem("cnn", n=64).to(dtype=torch.float64)
-    loop = _DeviceLoop(RK("dopri5", rtol=1e-7, atol=1e-7, sync_every=16), vector_field(fs.GradientFlow(), problem), problem.initial_theta(), SaveGrid((0.0, 5.0)))
+    loop = _DeviceLoop(RK("dopri5", rtol=1e-7, atol=1e-7, sync_every=16), vector_field(fs.GradientFlow().term(problem, problem.initial_theta())), problem.initial_theta(), SaveGrid((0.0, 5.0)))
     loop.advance(5.0)
     attempts = loop.state.accepted + loop.state.rejected
     assert attempts >= 200 and loop.launched <= 1.05 * attempts and loop.reads <= attempts / 5, (attempts, loop.launched, loop.reads)
@@ -170,9 +170,9 @@ def test_methods_without_fsal_converge(smooth, method):
     at rtol=1e-12 shrinks at least 10× from rtol=1e-4 to 1e-6."""
     problem, theta0 = smooth
     grid = SaveGrid((0.0, 0.5))
-    exact = list(RK("dopri8", rtol=1e-12, atol=1e-12).solve(fs.GradientFlow(), problem, theta0, grid, 0))[-1].theta
+    exact = list(RK("dopri8", rtol=1e-12, atol=1e-12).solve(fs.GradientFlow().term(problem, theta0), grid, 0))[-1].theta
     errors = [
-        relative(list(RK(method, rtol=tol, atol=tol).solve(fs.GradientFlow(), problem, theta0, grid, 0))[-1].theta, exact)
+        relative(list(RK(method, rtol=tol, atol=tol).solve(fs.GradientFlow().term(problem, theta0), grid, 0))[-1].theta, exact)
         for tol in (1e-4, 1e-6)
     ]
     assert errors[1] < errors[0] / 10, errors
@@ -318,7 +318,7 @@ def test_failures_end_the_run_as_diverged(dynamics, integrator, message, sync_ev
 
 def test_failure_raises_integration_error_from_solve():
     problem = build_problem("mlp", n=16)
-    points = RK("dopri5", max_steps=2).solve(fs.GradientFlow(), problem, problem.initial_theta(), SaveGrid((0.0, 5.0)), 0)
+    points = RK("dopri5", max_steps=2).solve(fs.GradientFlow().term(problem, problem.initial_theta()), SaveGrid((0.0, 5.0)), 0)
     next(points)
     with pytest.raises(IntegrationError, match="raise integrator.max_steps"):
         next(points)
@@ -335,14 +335,14 @@ def test_float32_runs_and_refuses_what_it_cannot_honour(smooth):
     problem, theta0 = smooth
     grid, rk = SaveGrid((0.0, 0.5)), RK("dopri5", rtol=1e-5, atol=1e-5)
     single = problem.to(dtype=torch.float32)
-    last = list(rk.solve(fs.GradientFlow(), single, theta0.float(), grid, 0))[-1]
-    exact = list(rk.solve(fs.GradientFlow(), problem, theta0, grid, 0))[-1]
+    last = list(rk.solve(fs.GradientFlow().term(single, theta0.float()), grid, 0))[-1]
+    exact = list(rk.solve(fs.GradientFlow().term(problem, theta0), grid, 0))[-1]
     assert last.theta.dtype == torch.float32 and (last.step, last.nfe) == (exact.step, exact.nfe)
     field = roundoff(torch.float32, n_ops=sum_lengths(problem), cond=gradient_condition(problem, theta0))
     bound = summation_order_bound("dopri5", 1e-5, single, theta0.float(), grid, field_roundoff=field)
     assert relative(last.theta.double(), exact.theta) < bound
     with pytest.raises(ConfigError, match="integrator.rtol.*float32"):
-        RK("dopri5", rtol=1e-8).check(fs.GradientFlow(), torch.float32)
+        RK("dopri5", rtol=1e-8).check_dtype(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------- compiled vector field
@@ -355,7 +355,7 @@ def test_compile_failure_falls_back_with_a_warning(smooth, monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch._inductor, "compile", broken)
-    f = vector_field(fs.GradientFlow(), problem, compile=True)
+    f = vector_field(fs.GradientFlow().term(problem, problem.initial_theta()), compile=True)
     out, expected = torch.empty_like(theta0), fs.GradientFlow().derivative(problem, torch.tensor(0.0), theta0)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         f(0.0, theta0, out)
@@ -379,9 +379,9 @@ def test_compile_switch(smooth, monkeypatch):
         return graph
 
     monkeypatch.setattr(torch._inductor, "compile", stand_in)
-    off = list(RK("dopri5", rtol=1e-6, atol=1e-6).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    off = list(RK("dopri5", rtol=1e-6, atol=1e-6).solve(fs.GradientFlow().term(problem, theta0), GRID, 0))
     assert compiled == []
-    on = list(RK("dopri5", rtol=1e-6, atol=1e-6, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    on = list(RK("dopri5", rtol=1e-6, atol=1e-6, compile=True).solve(fs.GradientFlow().term(problem, theta0), GRID, 0))
     assert compiled == [[tuple(theta0.shape), tuple(problem.X.shape), tuple(problem.y.shape)]]
     assert [(p.step, p.nfe) for p in on] == [(p.step, p.nfe) for p in off]
     field = roundoff(n_ops=sum_lengths(problem), cond=gradient_condition(problem, theta0))
@@ -467,12 +467,12 @@ def test_compiled_vector_field_equals_eager(smooth, two_threads):
     examples) are split: the same steps, and states within `summation_order_bound` with the
     gradient's round-off in the other order, roundoff(sum_lengths, gradient_condition) of it."""
     problem, theta0 = smooth
-    eager = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    eager = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow().term(problem, theta0), GRID, 0))
     twin = problem.compiled_gradient()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback: it really compiled
         twin.loss_and_grad(theta0)
-        compiled = list(RK("dopri5", rtol=1e-8, atol=1e-8, compile=True).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+        compiled = list(RK("dopri5", rtol=1e-8, atol=1e-8, compile=True).solve(fs.GradientFlow().term(problem, theta0), GRID, 0))
     traced = twin._compiled_grad.graph
     assert sum(node.target == torch.ops.aten.bmm.default for node in traced.graph.nodes) == 2
     assert [(p.step, p.nfe) for p in compiled] == [(p.step, p.nfe) for p in eager]
@@ -484,8 +484,8 @@ def test_compiled_vector_field_equals_eager(smooth, two_threads):
 @pytest.mark.gpu
 def test_on_cuda_equals_cpu(gpu, smooth):
     problem, theta0 = smooth
-    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
-    on_gpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem.to(gpu), theta0.to(gpu), GRID, 0))
+    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow().term(problem, theta0), GRID, 0))
+    on_gpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow().term(problem.to(gpu), theta0.to(gpu)), GRID, 0))
     assert [(p.step, p.nfe) for p in on_gpu] == [(p.step, p.nfe) for p in cpu]
     assert relative(on_gpu[-1].theta.cpu(), cpu[-1].theta) < 1e-10
 
@@ -495,10 +495,10 @@ def test_compiled_on_cuda_equals_cpu(gpu, smooth):
     """compile=True on CUDA (TorchInductor's GPU kernels, no fallback): the CPU host loop's
     steps, states to 1e-10 relative."""
     problem, theta0 = smooth
-    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow().term(problem, theta0), GRID, 0))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        on_gpu = list(RK("dopri5", rtol=1e-8, atol=1e-8, compile=True).solve(fs.GradientFlow(), problem.to(gpu), theta0.to(gpu), GRID, 0))
+        on_gpu = list(RK("dopri5", rtol=1e-8, atol=1e-8, compile=True).solve(fs.GradientFlow().term(problem.to(gpu), theta0.to(gpu)), GRID, 0))
     assert [(p.step, p.nfe) for p in on_gpu] == [(p.step, p.nfe) for p in cpu]
     assert relative(on_gpu[-1].theta.cpu(), cpu[-1].theta) < 1e-10
 
@@ -508,11 +508,11 @@ def test_compiled_on_cuda_equals_cpu(gpu, smooth):
 def test_device_control_on_cuda_equals_the_host_loop_on_cpu(gpu, smooth, cuda_graph):
     """On the GPU, the device loop (and its CUDA-graph replay) takes the host loop's steps."""
     problem, theta0 = smooth
-    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow(), problem, theta0, GRID, 0))
+    cpu = list(RK("dopri5", rtol=1e-8, atol=1e-8).solve(fs.GradientFlow().term(problem, theta0), GRID, 0))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback: the graph was captured
         integrator = RK("dopri5", rtol=1e-8, atol=1e-8, sync_every=16, cuda_graph=cuda_graph)
-        on_gpu = list(integrator.solve(fs.GradientFlow(), problem.to(gpu), theta0.to(gpu), GRID, 0))
+        on_gpu = list(integrator.solve(fs.GradientFlow().term(problem.to(gpu), theta0.to(gpu)), GRID, 0))
     assert [(p.step, p.nfe) for p in on_gpu] == [(p.step, p.nfe) for p in cpu]
     for p, q in zip(cpu, on_gpu):
         assert relative(q.theta.cpu(), p.theta) < 1e-10
@@ -525,7 +525,7 @@ def test_device_loop_never_waits_for_the_host_inside_a_chunk(gpu, cuda_graph):
     on any synchronising call); only the read-back after the chunk does."""
     problem = build_problem("mlp", n=64).to(device=gpu, dtype=torch.float32)
     integrator = RK("dopri5", rtol=1e-4, atol=1e-4, sync_every=8, cuda_graph=cuda_graph)
-    loop = _DeviceLoop(integrator, vector_field(fs.GradientFlow(), problem), problem.initial_theta(), SaveGrid((0.0, 1.0)))
+    loop = _DeviceLoop(integrator, vector_field(fs.GradientFlow().term(problem, problem.initial_theta())), problem.initial_theta(), SaveGrid((0.0, 1.0)))
     loop.target.fill_(100.0)  # far: every attempt is live
     for _ in range(loop.WARM_UP + 1):  # the warm-up attempts and the capture (which synchronises)
         loop._launch()

@@ -59,7 +59,7 @@ def test_no_host_sync_between_save_points(gpu):
     theta = problem.initial_theta()
     flow, sgd = fs.GradientFlow(), fs.DiscreteSGD(lr=0.05, batch_size=16, momentum=0.9)
     t = torch.zeros((), dtype=torch.float64, device=gpu)
-    state = sgd.step(problem, sgd.initial_state(problem, theta), 0, seed=0).state  # the epoch's order is on the GPU now
+    state = sgd.step(problem, sgd.term(problem, theta).init, 0, seed=0).state  # the epoch's order is on the GPU now
     ensemble = Ensemble(problem, 3)
     members = initial_members(problem, 3)
     torch.cuda.synchronize()

@@ -25,7 +25,7 @@ def problem():
 
 
 def final_theta(integrator, dynamics, problem, t1=T):
-    *_, end = integrator.solve(dynamics, problem, problem.initial_theta(), SaveGrid((0.0, t1)), seed=0)
+    *_, end = integrator.solve(dynamics.term(problem, problem.initial_theta()), SaveGrid((0.0, t1)), seed=0)
     return end.theta.clone(), end.nfe
 
 

@@ -11,6 +11,7 @@ import torch
 import xarray as xr
 
 import flowsim as fs
+from flowsim.defaults import default_integrator
 from flowsim.integrators import ODE, Exponential, SaveGrid
 
 from conftest import build_problem, roundoff, slope
@@ -159,7 +160,7 @@ def test_momentum_rotation_law_of_a_linear_network():
 
     def law(rtol):
         out = []
-        for point in Exponential(rtol=rtol, atol=rtol).solve(flow, problem, problem.initial_theta(), SaveGrid(times), seed=0):
+        for point in Exponential(rtol=rtol, atol=rtol).solve(flow.term(problem, problem.initial_theta()), SaveGrid(times), seed=0):
             p, v = problem.unflatten(point.theta), problem.unflatten(point.velocity)
             w1 = torch.cat([p["fc1.weight"], p["fc1.bias"][:, None]], dim=1)
             v1 = torch.cat([v["fc1.weight"], v["fc1.bias"][:, None]], dim=1)
@@ -190,12 +191,12 @@ def test_stiff_momentum_flow_needs_a_tenth_of_dopri5s_evaluations():
     grid = SaveGrid((0.0, 10.0))
 
     def final(integrator):
-        *_, end = integrator.solve(flow, problem, theta0, grid, seed=0)
+        *_, end = integrator.solve(flow.term(problem, theta0), grid, seed=0)
         return end.theta, end.nfe
 
     reference, reference_nfe = final(ODE("dopri5", rtol=1e-9, atol=1e-9))
     error = lambda theta: float((theta - reference).norm() / reference.norm())
-    theta, nfe = final(flow.default_integrator())
+    theta, nfe = final(default_integrator(flow))
     target = error(theta)
     for rtol in (1e-6, 1e-7, 1e-8):  # the loosest dopri5 as accurate (1e-5 is not: measured 4.8e-7)
         theta5, nfe5 = final(ODE("dopri5", rtol=rtol, atol=rtol))

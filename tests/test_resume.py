@@ -21,7 +21,7 @@ import flowsim as fs
 from flowsim import record
 from flowsim.checkpoint import checkpoint_path
 from flowsim.cli import main
-from flowsim.integrators import ODE, SDE, FusedEulerMaruyama
+from flowsim.integrators import ODE, RK, SDE, Exponential, FusedEulerMaruyama
 
 from conftest import build_problem
 from test_errors import GOOD
@@ -118,6 +118,53 @@ def test_fixed_grid_and_adams_resume_bit_for_bit(method, options, tmp_path, monk
         same(fs.simulate(problem, fs.GradientFlow(), integrator, out=tmp_path / "r.zarr", resume=True, **kwargs), reference)
 
 
+class CountingFlow(fs.GradientFlow):
+    """Gradient flow that counts its evaluations (to see that a resume does not start over)."""
+
+    calls = 0
+
+    def derivative(self, problem, t, y):
+        CountingFlow.calls += 1
+        return super().derivative(problem, t, y)
+
+
+class CountingMomentum(fs.MomentumFlow):
+    calls = 0
+
+    def nonlinear_part(self, problem, t, y):
+        CountingMomentum.calls += 1
+        return super().nonlinear_part(problem, t, y)
+
+
+@pytest.mark.parametrize(
+    "dynamics, integrator",
+    [
+        (CountingFlow(), RK("dopri5", rtol=1e-6, atol=1e-6)),
+        (CountingFlow(), RK("rk4", step_size=0.03)),
+        (CountingMomentum(lr=0.1, momentum=0.9), Exponential(rtol=1e-6, atol=1e-6)),
+        (CountingFlow(), Exponential(step_size=0.03)),
+    ],
+    ids=["rk-dopri5", "rk-rk4", "exponential-momentum", "exponential-fixed"],
+)
+def test_rk_and_exponential_resume_from_their_checkpoint_bit_for_bit(dynamics, integrator, tmp_path, monkeypatch):
+    """The fused RK loops and the exponential integrator checkpoint their whole state: stopped at
+    the 4th save point and resumed, the run is the uninterrupted one bit for bit, and the resumed
+    part evaluates the dynamics only after the checkpoint (fewer calls than the whole run)."""
+    problem = build_problem("mlp", n=32, depth=1, width=8)
+    kwargs = {"t1": 0.6, "save_every": 0.1, "progress": False}
+    counter = type(dynamics)
+    counter.calls = 0
+    reference = fs.simulate(problem, dynamics, integrator, **kwargs)
+    whole = counter.calls
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        fs.simulate(problem, dynamics, integrator, out=tmp_path / "r.zarr", **kwargs)
+    monkeypatch.undo()
+    counter.calls = 0
+    same(fs.simulate(problem, dynamics, integrator, out=tmp_path / "r.zarr", resume=True, **kwargs), reference)
+    assert 0 < counter.calls < whole
+
+
 def test_torchsde_resume_replays_the_same_brownian_path(tmp_path, monkeypatch):
     """torchsde's Euler–Maruyama stopped at its 4th save point and resumed: the same paths,
     bit for bit, as the uninterrupted run (its increments are a function of (seed, path, step))."""
@@ -176,6 +223,36 @@ def test_sigkill_at_20_random_moments(references, tmp_path):
         same(fs.open_record(out), reference)
         assert not checkpoint_path(out).exists()
     assert landed["mid-run"] >= 5, landed
+
+
+def _killed_before_counting_its_first_rows(name: str, out: str) -> None:
+    """A child run that dies (as by SIGKILL) at its second checkpoint write: its first rows are in
+    the store, its checkpoint still says none are."""
+    from flowsim import checkpoint
+
+    original, calls = checkpoint.save, [0]
+
+    def save(path, state):
+        calls[0] += 1
+        if calls[0] == 2:
+            os._exit(9)
+        original(path, state)
+
+    checkpoint.save = save
+    run_in_child(name, out)
+
+
+@pytest.mark.parametrize("name", ["sgd", "gf"])
+def test_resume_after_a_kill_between_the_first_rows_and_their_checkpoint(name, references, tmp_path):
+    """The store exists with rows its checkpoint does not count (n_saved = 0): resume writes
+    them again into that store and gives the uninterrupted run (found by the SIGKILL test)."""
+    out = tmp_path / "k.zarr"
+    child = multiprocessing.get_context("fork").Process(target=_killed_before_counting_its_first_rows, args=(name, str(out)))
+    child.start()
+    child.join()
+    assert child.exitcode == 9 and out.exists() and checkpoint_path(out).exists()
+    assert fs.open_record(out).sizes["time"] >= 1
+    same(run(name, out=out, resume=True), references[name])
 
 
 def test_a_failing_run_is_saved_then_resumed(references, tmp_path, monkeypatch):

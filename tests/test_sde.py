@@ -357,9 +357,10 @@ def test_discrete_sgd_with_independent_batches_has_the_modelled_moments():
         dynamics = fs.DiscreteSGD(lr=eta, batch_size=S, sampling=sampling)
         out = []
         for seed in range(seeds):
-            state = dynamics.initial_state(problem, problem.initial_theta())
+            term = dynamics.term(problem, problem.initial_theta())
+            state = term.init
             for k in range(round(T / eta)):
-                state = dynamics.step(problem, state, k, seed).state
+                state = term.step(state, k, seed).state
             out.append(state.theta.numpy())
         return np.array(out)
 
@@ -406,9 +407,9 @@ def test_bad_combinations_are_refused_before_any_work(tmp_path):
     out = tmp_path / "run.zarr"
     with pytest.raises(fs.ConfigError, match="dynamics.batch_size.*at most the 16 examples"):
         fs.simulate(problem, fs.SGDNoise(lr=0.1, batch_size=17), t1=1.0, save_every=0.1, out=out)
-    with pytest.raises(fs.ConfigError, match="ODE integrates continuous dynamics, but SGDNoise is sde"):
+    with pytest.raises(fs.ConfigError, match="ODE integrates VectorField terms, but SGDNoise hands a Noise term"):
         fs.simulate(problem, fs.SGDNoise(lr=0.1, batch_size=4), ODE(), t1=1.0, save_every=0.1, out=out)
-    with pytest.raises(fs.ConfigError, match="SDE integrates sde dynamics"):
+    with pytest.raises(fs.ConfigError, match="SDE integrates Noise terms, but GradientFlow hands a VectorField term"):
         fs.simulate(problem, fs.GradientFlow(), SDE("euler", 0.1), t1=1.0, save_every=0.1, out=out)
     assert not out.exists()
 
