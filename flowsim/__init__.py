@@ -14,6 +14,7 @@ from .problem import Problem
 from .dynamics import DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
 from .laws import Law
 from .simulate import simulate
+from .status import Status
 from .config import load_config, run_config
 from .record import open_record
 from .compare import compare
@@ -42,6 +43,7 @@ __all__ = [
     "SGDNoise",
     "Law",
     "simulate",
+    "Status",
     "load_config",
     "run_config",
     "open_record",

@@ -33,12 +33,13 @@ import xarray as xr
 from torch import Tensor
 
 from .errors import ConfigError, RecordError
+from .status import Status
 from .store import checkpoint_path, open_record, record_attrs, remove_checkpoint
 
 FORMAT = 1
 
 #: statuses of a run that has ended: resuming it returns its record unchanged
-ENDED = ("completed", "diverged")
+ENDED = tuple(s.value for s in Status if s.ended)
 
 #: the fields of a fingerprint a record's attrs also hold (JSON where structured)
 ATTR_FIELDS = ("problem", "dynamics", "integrator", "seed", "device", "dtype")

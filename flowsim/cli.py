@@ -17,20 +17,19 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .status import Status
 
     overrides = {"out": args.out, "overwrite": args.overwrite or None}
     if args.no_progress:
         overrides["progress"] = False
     config = load_config(args.config, **overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the status line below says it
-        ds = config.simulate(resume=True) if args.resume else config.simulate()
+    ds = config.simulate(resume=args.resume, throw=False)  # the status line below says how it ended
     status = ds.attrs["status"]
     print(
         f"{status}: {ds.sizes['time']} save points" + (f", t = {float(ds.time[-1]):g}" if ds.sizes["time"] else "")
         + (f" ({ds.attrs['status_message']})" if ds.attrs["status_message"] else "")
     )
-    return EXIT_DIVERGED if status == "diverged" else 0
+    return EXIT_DIVERGED if status == Status.DIVERGED else 0
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -45,6 +45,10 @@ VARIABLES: dict[str, dict[str, str]] = {
     "sharpness": {"long_name": "largest Hessian eigenvalue of the data loss (power iteration)"},
     "nfe": {"long_name": "cumulative evaluations of the dynamics (vector field calls or SGD steps)"},
     "wall_time": {"long_name": "wall-clock time since the run started", "units": "s"},
+    "rejected_steps": {"long_name": "cumulative step attempts the error control rejected"},
+    "iterations": {"long_name": "cumulative fixed-point iterations of the implicit stage equations"},
+    "newton_iterations": {"long_name": "cumulative Newton iterations of the implicit stage equations"},
+    "residual": {"long_name": "largest final residual of the stage equations since the last save point"},
     "params": {"long_name": "flat parameter vector θ"},
     "time": {"long_name": "training time", "units": "t = step * lr"},
     "step": {"long_name": "integrator steps taken (SGD steps for discrete dynamics)"},
@@ -67,6 +71,10 @@ VARIABLES: dict[str, dict[str, str]] = {
     "noise": {"long_name": "noise of the SGD-noise SDE (exact or diagonal)"},
     "member": {"long_name": "ensemble member: an independent copy of the run from its own initial parameters"},
 }
+
+
+#: the integrators' statistics the schema describes (``SavePoint.stats``)
+STATS = {"rejected_steps", "iterations", "newton_iterations", "residual"}
 
 
 def check_observe(observe: Sequence[str]) -> tuple[str, ...]:
@@ -134,6 +142,8 @@ class Recorder:
         self.seed = seed
         self._sharp_vector: Tensor | None = None
         self.store = store
+        #: the names of the integrator's statistics (``SavePoint.stats``), each a variable along time
+        self.stats: tuple[str, ...] = ()
 
     def state(self) -> dict[str, Any]:
         """What the observers carry from one save point to the next (for checkpoints)."""
@@ -164,6 +174,9 @@ class Recorder:
             loss, grad = each(problem.loss_and_grad, theta)
         elif loss is None and "loss" in self.observe:
             loss = each(problem.loss, theta)
+        if point.stats.keys() & VARIABLES.keys() - STATS:
+            raise ValueError(f"SavePoint.stats: {sorted(point.stats)} reuse a name of the record's schema")
+        self.stats = tuple(point.stats)
         vectors = [theta, grad] if point.velocity is None else [theta, grad, point.velocity]
         # every law on every vector (and member) at once, as the rows of one (V·K, P) matrix:
         # (V, …, Q)
@@ -172,6 +185,7 @@ class Recorder:
             "time": point.time,
             "step": point.step,
             "nfe": point.nfe,
+            **point.stats,
             "wall_time": wall_time,
             "value": forms[0],
             "grad_sq": forms[1],
@@ -265,6 +279,8 @@ class Recorder:
                 data[name] = (("time", *lead), cols.get(name, np.zeros((n, *shape))))
         data["nfe"] = ("time", cols.get("nfe", np.zeros(n)).astype(np.int64))
         data["wall_time"] = ("time", cols.get("wall_time", np.zeros(n)).astype(np.float64))
+        for name in self.stats:
+            data[name] = ("time", cols.get(name, np.zeros(n)))
         if "params" in self.observe:
             data["params"] = (("time", *lead, "parameter"), cols.get("params", np.zeros((n, *shape, self.problem.n_params))))
             coords["tensor"] = (

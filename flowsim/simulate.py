@@ -28,6 +28,7 @@ from .lock import output_lock
 from .record import Recorder, check_observe, json_attr
 from .store import NetCDFStore, ZarrStore, check_output_path, check_output_state, checkpoint_path, open_record, remove_checkpoint, replace, staging_path
 from .store import remove as remove_store
+from .status import Status
 from .terms import StepMap
 from .toml import run_toml
 
@@ -148,6 +149,7 @@ def simulate(
     config: str | None = None,
     ensemble: int | torch.Tensor | None = None,
     member_seeds: Sequence[int] | None = None,
+    throw: bool | None = None,
 ) -> xr.Dataset:
     """Integrate `dynamics` on `problem` from the model's current parameters and record the laws.
 
@@ -177,10 +179,14 @@ def simulate(
       k ≥ 1 from a fresh initialisation seeded by (seed, k). The record gains a ``member`` dim.
     - `member_seeds`: with `ensemble`, one seed per member: member k draws its mini-batches
       from seed s_k, as the run with ``seed=s_k`` does (the ``seed`` coord runs along ``member``).
+    - `throw`: what a run that ends "diverged" does once everything is saved: None (default)
+      warns (RuntimeWarning) and returns its record; False returns it quietly (its ``status``
+      says it); True raises IntegrationError with the status message.
 
     **Returns** the run's `xarray.Dataset` (schema in flowsim.record), with
-    ``attrs["status"]`` "completed", or "diverged" (NaN/Inf, step-size underflow, max_steps)
-    with ``status_message`` saying when and why; everything saved before a divergence is kept.
+    ``attrs["status"]`` (a `flowsim.Status` value) "completed", or "diverged" (NaN/Inf, step-size
+    underflow, max_steps) with ``status_message`` saying when and why; everything saved before a
+    divergence is kept.
 
     **Raises** a `FlowsimError` subclass naming the bad argument, before any work starts;
     KeyboardInterrupt after saving and checkpointing (status "interrupted"); any other error
@@ -198,6 +204,8 @@ def simulate(
     seed = check_seed("run.seed", seed)
     observe = check_observe(observe)
     overwrite, resume, progress = (check_flag(f"run.{k}", v) for k, v in (("overwrite", overwrite), ("resume", resume), ("progress", progress)))
+    if throw is not None:
+        check_flag("run.throw", throw)
     checkpoint_every = check_number("run.checkpoint_every", checkpoint_every, minimum=0.0)
     if config is not None and not isinstance(config, str):
         raise bad_value("config", type(config).__name__, "the run's TOML text (str) or None")
@@ -241,7 +249,7 @@ def simulate(
             "seed": seed,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
-            "status": "running",
+            "status": Status.RUNNING.value,
             "status_message": "",
             "config": config if config is not None else run_toml(problem, dynamics, integrator, t1, save_every, seed, device, dtype),
             "fingerprint": json_attr(identity),
@@ -272,12 +280,12 @@ def simulate(
         last_time = grid.times[first - 1] if first else grid.times[0]
         bar = tqdm(total=grid.times[-1], initial=last_time, unit="t", disable=not progress or not sys.stderr.isatty(), leave=False)
         resume_from = None if start is None else start.integrator
-        status, message = "completed", ""
+        status, message = Status.COMPLETED, ""
         try:
             try:
                 for point in integrator.solve(term, grid, seed, resume_from):
                     if not recorder.add(point, run.wall_time()):
-                        status = "diverged"
+                        status = Status.DIVERGED
                         message = (
                             f"non-finite loss, parameters or gradient at t={point.time:g} (step {point.step}); "
                             f"the {recorder.n_saved + len(recorder.pending)} save points before it, up to t={last_time:g}, are kept"
@@ -287,18 +295,18 @@ def simulate(
                     bar.update(point.time - last_time)
                     last_time = point.time
             except IntegrationError as exc:
-                status, message = "diverged", f"{exc} (last saved t={last_time:g})"
+                status, message = Status.DIVERGED, f"{exc} (last saved t={last_time:g})"
             # --- 5. the record
-            ds = recorder.finish(status, message)
+            ds = recorder.finish(status.value, message)
         except KeyboardInterrupt:
             run.write()
-            recorder.finish("interrupted", f"stopped by the user after t={last_time:g}; resume=True continues it")
+            recorder.finish(Status.INTERRUPTED.value, f"stopped by the user after t={last_time:g}; resume=True continues it")
             _put_in_place(store, out_path, keep_checkpoint=True)
             raise
         except Exception as exc:
             with contextlib.suppress(Exception):  # keep what was saved, and say why it stopped
                 run.write()
-                recorder.finish("failed", f"{type(exc).__name__} after t={last_time:g}: {exc}")
+                recorder.finish(Status.FAILED.value, f"{type(exc).__name__} after t={last_time:g}: {exc}")
             staged = store is not None and store.path != out_path
             if staged:  # the old record stays as it was
                 with contextlib.suppress(OSError):
@@ -309,10 +317,12 @@ def simulate(
             raise
         finally:
             bar.close()
-        if status != "completed":
-            warnings.warn(f"run {status}: {message}", RuntimeWarning, stacklevel=2)
         run.remove()
         _put_in_place(store, out_path, keep_checkpoint=False)
+        if status != Status.COMPLETED and throw:
+            raise IntegrationError(f"run {status}: {message}" + (f"; the record is at {str(out_path)!r}" if out_path else ""))
+        if status != Status.COMPLETED and throw is None:
+            warnings.warn(f"run {status}: {message}", RuntimeWarning, stacklevel=2)
         return ds if ds is not None else open_record(out_path, load=None)
 
 

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import tomllib
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,11 +50,12 @@ from .ensemble import check_batched
 from .errors import ConfigError, FlowsimError, check_number
 from .lock import output_lock
 from .simulate import save_grid
+from .status import Status
 from .store import remove_checkpoint, replace
 from .toml import dumps, read_toml
 
 #: statuses of a finished run: its point is not run again
-FINISHED = ("completed", "diverged")
+FINISHED = tuple(s.value for s in Status if s.ended)
 #: where a bare name in `over` goes when the config does not already set it
 _SEARCH = ("run", "problem", "dynamics", "integrator", "model", "data")
 
@@ -101,11 +101,9 @@ def run_point(text: str, out: str | None) -> tuple[str, str, xr.Dataset | None]:
     """One point of a sweep (runs on a dask worker): (status, message, the record if `out` is None).
     Any exception becomes status "failed" with its message, so the sweep goes on."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the status says it
-            ds = load_config(text, out=out, overwrite=out is not None, progress=False).simulate()
+        ds = load_config(text, out=out, overwrite=out is not None, progress=False).simulate(throw=False)
     except Exception as exc:  # a point's failure is data of the sweep, not the end of it
-        return "failed", f"{type(exc).__name__}: {exc}", None
+        return Status.FAILED.value, f"{type(exc).__name__}: {exc}", None
     return ds.attrs["status"], ds.attrs["status_message"], (ds if out is None else None)
 
 
@@ -118,15 +116,14 @@ def run_members(texts: Sequence[str], outs: Sequence[str | None]) -> list[tuple[
     import torch
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a divergence is retried point by point
-            configs = [load_config(text) for text in texts]
-            seeds = [config.run.get("seed", 0) for config in configs]
-            theta0 = torch.stack([config.problem.initial_theta() for config in configs])
-            ds = configs[0].simulate(seed=seeds[0], ensemble=theta0, member_seeds=seeds, out=None, progress=False)
+        configs = [load_config(text) for text in texts]
+        seeds = [config.run.get("seed", 0) for config in configs]
+        theta0 = torch.stack([config.problem.initial_theta() for config in configs])
+        # a divergence is retried point by point
+        ds = configs[0].simulate(seed=seeds[0], ensemble=theta0, member_seeds=seeds, out=None, progress=False, throw=False)
     except Exception:  # e.g. a model torch.func.vmap cannot batch: the plain runs say what is wrong
         return None
-    if ds.attrs["status"] != "completed":
+    if ds.attrs["status"] != Status.COMPLETED:
         return None
     outcomes = []
     for k, (text, out) in enumerate(zip(texts, outs)):
@@ -374,7 +371,7 @@ def sweep(
         parts = []
         for i, (point, store) in enumerate(zip(points, stores)):
             status, message, record = outcomes.get(i, (None, "", None))
-            if record is None and store is not None and store.exists() and status != "failed":
+            if record is None and store is not None and store.exists() and status != Status.FAILED:
                 record = xr.open_zarr(store).load()
                 status, message = record.attrs["status"], record.attrs["status_message"]
             parts.append(_point_record(record if record is not None else xr.Dataset(), point, status, message))

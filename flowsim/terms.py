@@ -21,7 +21,7 @@ nothing else about them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -132,7 +132,9 @@ class SavePoint:
     `step` counts the integrator's steps so far, `nfe` its evaluations of the dynamics.
     For a term with ``members = (dim, K)`` (an ensemble, SGDNoise's paths) θ, grad, velocity and
     loss carry a leading batch dimension of K independent members: θ is (K, P).
-    `checkpoint` is the integrator's state after this point (the contract: flowsim.integrators.base)."""
+    `checkpoint` is the integrator's state after this point (the contract: flowsim.integrators.base).
+    `stats` are the integrator's own counts so far (e.g. ``rejected_steps``), each recorded as a
+    variable along time; an integrator gives the same names at every point."""
 
     time: float
     step: int
@@ -142,6 +144,7 @@ class SavePoint:
     velocity: Tensor | None = None
     loss: Tensor | None = None
     checkpoint: dict[str, Any] | None = None
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 __all__ = ["SaveGrid", "SavePoint", "Members", "Term", "VectorField", "Semilinear", "Noise", "StepMap", "StepResult"]

@@ -249,7 +249,7 @@ class Exponential(Integrator):
         if start is None:
             y, n1, h, steps, attempts, first = term.y0, None, self.step_size, 0, 0, 1
             theta, velocity = term.split(y)
-            yield SavePoint(grid.times[0], 0, 0, theta, velocity=velocity, checkpoint=checkpoint(0))
+            yield SavePoint(grid.times[0], 0, 0, theta, velocity=velocity, checkpoint=checkpoint(0), stats={"rejected_steps": 0})
         else:
             y, n1, h, steps, attempts, f.nfe = (start[k] for k in ("y", "n1", "h", "steps", "attempts", "nfe"))
             first = start["index"] + 1
@@ -286,7 +286,8 @@ class Exponential(Integrator):
                     y, n1 = y_new, n_new
                     steps += 1
             theta, velocity = term.split(y)
-            yield SavePoint(target, steps, f.nfe, theta, velocity=velocity, checkpoint=checkpoint(index))
+            stats = {"rejected_steps": attempts - steps}
+            yield SavePoint(target, steps, f.nfe, theta, velocity=velocity, checkpoint=checkpoint(index), stats=stats)
 
     @staticmethod
     def _step(f: _Semilinear, t: float, y: Tensor, n1: Tensor, h: float) -> tuple[Tensor, Tensor, Tensor]:

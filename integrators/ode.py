@@ -181,7 +181,8 @@ class ODE(Integrator):
         states = self._adaptive(solver, t, f, start) if self.adaptive else self._fixed(solver, t, f, start)
         for index, y, checkpoint in states:
             theta, velocity = term.split(y)
-            yield SavePoint(grid.times[index], f.accepted, f.nfe, theta, velocity=velocity, checkpoint=checkpoint)
+            stats = {"rejected_steps": f.attempted - f.accepted}
+            yield SavePoint(grid.times[index], f.accepted, f.nfe, theta, velocity=velocity, checkpoint=checkpoint, stats=stats)
 
     @staticmethod
     def _adaptive(solver, t: Tensor, f: _Counted, start: dict[str, Any] | None) -> Iterator[tuple[int, Tensor, dict]]:

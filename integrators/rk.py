@@ -251,10 +251,13 @@ class RK(Integrator):
         loop = kind(self, f, y0.reshape(-1), grid, start)
         first = 1 if start is None else start["index"] + 1
         if start is None:  # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
-            yield SavePoint(grid.times[0], 0, loop.state.nfe, *term.split(y0), checkpoint=loop.checkpoint(0))
+            theta, velocity = term.split(y0)
+            yield SavePoint(grid.times[0], 0, loop.state.nfe, theta, velocity=velocity, checkpoint=loop.checkpoint(0), stats={"rejected_steps": 0})
         for index in range(first, len(grid.times)):
             theta, velocity = term.split(loop.advance(grid.times[index]).view(shape))
-            yield SavePoint(grid.times[index], loop.state.accepted, loop.state.nfe, theta, velocity=velocity, checkpoint=loop.checkpoint(index))
+            s = loop.state
+            stats = {"rejected_steps": s.rejected}
+            yield SavePoint(grid.times[index], s.accepted, s.nfe, theta, velocity=velocity, checkpoint=loop.checkpoint(index), stats=stats)
 
 
 def vector_field(term: VectorField, compile: bool = False) -> Callable[[float | Tensor, Tensor, Tensor], None]:

@@ -374,6 +374,26 @@ def test_a_diverging_run_keeps_every_point_before_it(tmp_path):
     same(ds, before.assign_attrs(ds.attrs))
 
 
+def test_throw_decides_what_a_diverged_run_does(tmp_path):
+    """throw=None warns, False is quiet (the status says it), True raises IntegrationError, each
+    after saving the same record (fs.Status names the outcomes)."""
+    X, y = fs.data.teacher_student(n=32)
+    torch.manual_seed(0)
+    problem = fs.Problem(fs.models.mlp.mlp(in_features=16, out_features=1, depth=1, width=8), (X, y), loss="mse")
+    kwargs = {"t1": 500.0, "save_every": 5.0, "progress": False}
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        warned = fs.simulate(problem, fs.DiscreteSGD(lr=5.0), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = fs.simulate(problem, fs.DiscreteSGD(lr=5.0), throw=False, **kwargs)
+    assert warned.attrs["status"] == quiet.attrs["status"] == fs.Status.DIVERGED
+    with pytest.raises(fs.IntegrationError, match="run diverged: non-finite.*the record is at"):
+        fs.simulate(problem, fs.DiscreteSGD(lr=5.0), throw=True, out=tmp_path / "t.zarr", **kwargs)
+    same(fs.open_record(tmp_path / "t.zarr"), quiet.assign_attrs(fs.open_record(tmp_path / "t.zarr").attrs))
+    with pytest.raises(fs.ConfigError, match="run.throw"):
+        fs.simulate(problem, fs.DiscreteSGD(lr=5.0), throw="yes", **kwargs)
+
+
 def test_max_steps_ends_the_run_as_diverged_with_when_and_why():
     problem = build_problem("mlp", n=32, depth=1, width=8)
     with pytest.warns(RuntimeWarning, match="max_steps"):
