@@ -6,11 +6,13 @@ an integrator takes the term a dynamics hands it.
 | StepMap     | Discrete()                                              |
 | Noise       | FusedEulerMaruyama(dt = the dynamics' time step η)      |
 | Semilinear  | Exponential(rtol = atol = 1e-6): exact on the stiff linear part |
-| VectorField | ODE("dopri5", rtol = atol = 1e-6)                       |
+| VectorField | RK("dopri5", rtol = atol = 1e-6): torchdiffeq's dopri5, fused  |
 
 The tolerance 1e-6 is for exploration: ReLU-type networks make the flow non-smooth, and an
-adaptive solver pays for every kink it resolves; tighten it for accuracy work. The most specific
-row wins (a Semilinear term is a VectorField too).
+adaptive solver pays for every kink it resolves; tighten it for accuracy work. RK takes
+torchdiffeq's steps and evaluations (``ODE("dopri5")``, one ``integrator=`` away) at about a
+third less cost (benchmarks/peer_diffrax.py). The most specific row wins (a Semilinear term is a
+VectorField too).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 
 from .dynamics import Dynamics
 from .errors import ConfigError
-from .integrators import ODE, Discrete, Exponential, FusedEulerMaruyama, Integrator
+from .integrators import RK, Discrete, Exponential, FusedEulerMaruyama, Integrator
 from .terms import Noise, Semilinear, StepMap, Term, VectorField
 
 #: term type → the integrator that runs it by default, made from the dynamics (most specific first)
@@ -27,7 +29,7 @@ DEFAULTS: dict[type[Term], Callable[[Dynamics], Integrator]] = {
     StepMap: lambda dynamics: Discrete(),
     Noise: lambda dynamics: FusedEulerMaruyama(dt=dynamics.time_step),
     Semilinear: lambda dynamics: Exponential(rtol=1e-6, atol=1e-6),
-    VectorField: lambda dynamics: ODE("dopri5", rtol=1e-6, atol=1e-6),
+    VectorField: lambda dynamics: RK("dopri5", rtol=1e-6, atol=1e-6),
 }
 
 

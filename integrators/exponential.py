@@ -37,8 +37,10 @@ from flowsim.errors import ConfigError, IntegrationError, check_field
 from flowsim.terms import Semilinear, VectorField
 
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
+from .control import StepSizeController
 
-SAFETY, SHRINK_MIN, GROW_MAX = 0.9, 0.2, 5.0
+#: the step-size control of the fourth-order estimate: grow at most 5× a step, shrink at most 5×
+CONTROLLER = StepSizeController(order=4, safety=0.9, ifactor=5.0, dfactor=0.2)
 
 
 def phi_functions(z: Tensor, count: int = 4) -> list[Tensor]:
@@ -275,8 +277,7 @@ class Exponential(Integrator):
                 else:
                     ratio = float(self._error_norm(error, y, y_new))
                     accept = ratio <= 1.0  # False for NaN
-                    factor = SAFETY * max(ratio, 1e-10) ** -0.25 if math.isfinite(ratio) else SHRINK_MIN
-                    proposal = step * min(GROW_MAX if accept else 1.0, max(SHRINK_MIN, factor))
+                    proposal = CONTROLLER.next(step, ratio) if math.isfinite(ratio) else step * CONTROLLER.dfactor
                     # a step cut short to land on a save time does not shrink the next one
                     h = max(h, proposal) if accept and step < h else proposal
                     if h <= 1e-14 * max(1.0, abs(t)):

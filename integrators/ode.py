@@ -143,8 +143,10 @@ class ODE(Integrator):
         return self.method in ADAPTIVE
 
     @property
-    def order(self) -> int:
-        return SOLVERS[self.method].order
+    def order(self) -> int | None:
+        """The method's order; None for the Adams methods, whose order grows with their history up
+        to max_order (12 by default; torchdiffeq labels them 4)."""
+        return None if "adams" in self.method else SOLVERS[self.method].order
 
     def check_dtype(self, dtype: torch.dtype) -> None:
         """An adaptive method's rtol must be resolvable in `dtype` (at least 8 machine epsilons:

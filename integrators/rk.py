@@ -12,7 +12,7 @@ one matrix–vector product Kᵀ a written into a preallocated buffer (``torch.a
 no tensor is allocated per step. A method whose last stage is evaluated at y1 (FSAL: dopri5,
 dopri8, bosh3) reuses it as the next k_0.
 
-Step-size control is torchdiffeq's (Hairer, Nørsett & Wanner I, §II.4), in Python floats:
+Step-size control is torchdiffeq's (``integrators.control.StepSizeController``):
 
     r = rms(e / (atol + rtol·max(|y0|, |y1|)));   accept when r ≤ 1
     h ← h · min(ifactor, max(safety · r^(−1/order), dfactor))    (dfactor → 1 when r < 1; h·ifactor when r = 0)
@@ -41,6 +41,7 @@ from flowsim.errors import ConfigError, IntegrationError, bad_value, check_field
 from flowsim.terms import VectorField
 
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
+from .control import StepSizeController
 from .ode import check_rtol
 
 # ----------------------------------------------------------------------------------------- tableaus
@@ -245,10 +246,10 @@ class RK(Integrator):
         starts over)."""
         y0, shape = term.y0, term.y0.shape
         field = vector_field(term, compile=self.compile)
-        # an ensemble's (K, …) state runs flat (its error norm is over every entry, as torchdiffeq's)
+        # an ensemble's (K, …) state runs flat, its error norm the term's (every member meets the tolerance)
         f = field if y0.ndim == 1 else lambda t, y, out: field(t, y.view(shape), out.view(shape))
         kind = _FixedLoop if not self.tableau.adaptive else _AdaptiveLoop if self.sync_every is None else _DeviceLoop
-        loop = kind(self, f, y0.reshape(-1), grid, start)
+        loop = kind(self, f, y0.reshape(-1), grid, start, term.error_norm)
         first = 1 if start is None else start["index"] + 1
         if start is None:  # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
             theta, velocity = term.split(y0)
@@ -303,11 +304,20 @@ class RKState:
 
 class _Loop:
     """The stages of one step on preallocated buffers; subclasses own the step control. With
-    `start` (a checkpoint of ``checkpoint``) it goes on from the state held there."""
+    `start` (a checkpoint of ``checkpoint``) it goes on from the state held there; `error_norm`
+    is the term's norm of the scaled error (an ensemble's worst member; None: RMS)."""
 
-    def __init__(self, integrator: RK, f: Callable[[float, Tensor, Tensor], None], y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        integrator: RK,
+        f: Callable[[float, Tensor, Tensor], None],
+        y0: Tensor,
+        grid: SaveGrid,
+        start: dict[str, Any] | None = None,
+        error_norm: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         tab = integrator.tableau
-        self.integrator, self.tableau, self.f = integrator, tab, f
+        self.integrator, self.tableau, self.f, self.error_norm = integrator, tab, f, error_norm
         # rows of K: the s stages, and f(t1, y1) after them where the last stage is not at y1
         self.f1_row = tab.stages - 1 if tab.fsal else tab.stages
         rows = self.f1_row + 1
@@ -356,8 +366,8 @@ class _Loop:
 class _FixedLoop(_Loop):
     """torchdiffeq's fixed grid (``step_size``, or the save times) and its linear interpolation."""
 
-    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None) -> None:
-        super().__init__(integrator, f, y0, grid, start)
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None, error_norm=None) -> None:
+        super().__init__(integrator, f, y0, grid, start, error_norm)
         times = torch.tensor(grid.times, dtype=torch.float64)
         if integrator.step_size is not None:  # FixedGridODESolver._grid_constructor_from_step_size
             n = torch.ceil((times[-1] - times[0]) / integrator.step_size + 1).item()
@@ -392,13 +402,14 @@ class _FixedLoop(_Loop):
 class _AdaptiveLoop(_Loop):
     """torchdiffeq's RKAdaptiveStepsizeODESolver: error control, step-size update, dense output."""
 
-    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None) -> None:
-        super().__init__(integrator, f, y0, grid, start)
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None, error_norm=None) -> None:
+        super().__init__(integrator, f, y0, grid, start, error_norm)
         tab, s = self.tableau, self.state
         if start is None:
             self._evaluate(s.t0, s.y0, s.stages[0])
         like = dict(dtype=y0.dtype, device=y0.device)
         self.b_error = torch.tensor(tab.b_error, **like)
+        self.controller = StepSizeController(tab.order, integrator.safety, integrator.ifactor, integrator.dfactor)
         self.error = torch.empty_like(y0)
         self.scale = torch.empty_like(y0)
         # the tolerances and the norm as 0-d tensors: a Python scalar in a tensor op allocates one
@@ -459,7 +470,7 @@ class _AdaptiveLoop(_Loop):
             s.accepted += 1
         else:
             s.rejected += 1
-        s.dt = self._next_step_size(h, ratio)
+        s.dt = self.controller.next(h, ratio)
 
     def _error_ratio(self, h: float) -> float:
         """rms(e / (atol + rtol·max(|y0|, |y1|))) with e = h Σ_j (b_j − b̂_j) k_j."""
@@ -467,23 +478,18 @@ class _AdaptiveLoop(_Loop):
         return abs(h) * self.norm.item() / math.sqrt(self.error.numel())
 
     def _error_norm(self, y_start: Tensor, y_end: Tensor, stages: Tensor) -> None:
-        """norm ← |Σ_j (b_j − b̂_j) k_j / (atol + rtol·max(|y_start|, |y_end|))|₂ (the ratio without h/√n)."""
+        """norm ← |Σ_j (b_j − b̂_j) k_j / (atol + rtol·max(|y_start|, |y_end|))|₂ (the ratio without
+        h/√n); with the term's `error_norm` (RMS-like), √n times it."""
         torch.abs(y_start, out=self.scale)
         torch.abs(y_end, out=self.error)
         torch.maximum(self.scale, self.error, out=self.scale)
         torch.addcmul(self.atol, self.scale, self.rtol, out=self.scale)
         torch.mv(stages[: self.tableau.stages].T, self.b_error, out=self.error)
         self.error.div_(self.scale)
-        torch.linalg.vector_norm(self.error, out=self.norm)
-
-    def _next_step_size(self, h: float, ratio: float) -> float:
-        """torchdiffeq's ``_optimal_step_size`` in floats."""
-        integrator = self.integrator
-        if ratio == 0:
-            return h * integrator.ifactor
-        dfactor = 1.0 if ratio < 1 else integrator.dfactor
-        return h * min(integrator.ifactor, max(integrator.safety / ratio ** (1.0 / self.tableau.order), dfactor))
-
+        if self.error_norm is None:
+            torch.linalg.vector_norm(self.error, out=self.norm)
+        else:
+            self.norm.copy_(self.error_norm(self.error).mul(math.sqrt(self.error.numel())))
 
 class _DeviceLoop(_AdaptiveLoop):
     """The adaptive loop with every decision on the device, for GPUs: the host reads the state
@@ -508,8 +514,8 @@ class _DeviceLoop(_AdaptiveLoop):
 
     WARM_UP: ClassVar[int] = 2
 
-    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None) -> None:
-        super().__init__(integrator, f, y0, grid, start)
+    def __init__(self, integrator: RK, f, y0: Tensor, grid: SaveGrid, start: dict[str, Any] | None = None, error_norm=None) -> None:
+        super().__init__(integrator, f, y0, grid, start, error_norm)
         s = self.state
         like64 = dict(dtype=torch.float64, device=y0.device)
         self.work = s.stages.clone()  # work[0] = f(t0, y0)
@@ -518,7 +524,6 @@ class _DeviceLoop(_AdaptiveLoop):
         self.t, self.t0 = torch.tensor(s.t0, **like64), torch.tensor(s.t0, **like64)
         self.h, self.dt = torch.tensor(s.h, **like64), torch.tensor(s.dt, **like64)
         self.target = torch.tensor(-math.inf, **like64)
-        self.one, self.dfactor = torch.tensor(1.0, **like64), torch.tensor(integrator.dfactor, **like64)
         self.counts = torch.zeros(5, **like64)  # accepted, rejected, evaluations, NaN failures, step-size underflows
         self.base_nfe = s.nfe  # f(t0, y0) and the initial step's, made on the host
         self.launched, self.reads = 0, 0  # attempts launched (masked ones included), read-backs of the state
@@ -556,11 +561,7 @@ class _DeviceLoop(_AdaptiveLoop):
         torch.where(accept, t, self.t0, out=self.t0)
         torch.where(accept, h, self.h, out=self.h)
         torch.where(accept, t1, t, out=self.t)
-        # _next_step_size
-        integrator = self.integrator
-        factor = (integrator.safety / ratio.pow(1.0 / tab.order)).maximum(torch.where(ratio < 1, self.one, self.dfactor))
-        factor = torch.where(ratio == 0, integrator.ifactor, factor.clamp(max=integrator.ifactor))
-        torch.where(decided, h * factor, h, out=self.dt)
+        torch.where(decided, self.controller.next_on_device(h, ratio), h, out=self.dt)
         evaluations = active.double() * (tab.stages - 1) + (0 if tab.fsal else accept.double())
         counts.add_(torch.stack([accept.double(), (decided & ~accept).double(), evaluations, nan.double(), underflow.double()]))
 
