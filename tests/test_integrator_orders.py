@@ -70,27 +70,26 @@ def fine_reference(problem):
 
 @pytest.mark.parametrize("name, make, dynamics", _fixed_step_integrators(), ids=[c[0] for c in _fixed_step_integrators()])
 def test_every_integrator_converges_at_its_stated_order(problem, fine_reference, name, make, dynamics):
-    """Each integrator's `order` from the log-log slope of its error at fixed steps h (three per
-    order, in the asymptotic range): order − 0.3 ≤ slope ≤ order + 1 (dopri5 and DOP853 are
-    pre-asymptotic by up to 0.7 where their errors are still far above round-off; measured:
-    euler 1.00, rk4 4.03, dopri5 5.6, dopri8 7.9, DOP853 7.7, exponential 4.0). The Adams
-    methods (order None: it grows with their history) must converge faster than order 4 − 0.3;
-    torchdiffeq's explicit_adams, up to order 12 with a tiny stability region, diverges here
-    (error 2.6 at h = 1/16, growing as h shrinks)."""
+    """Each integrator's `order` from the log-log slope of its error between its two finest fixed
+    steps (in the asymptotic range; the coarser third shows the approach): |slope − order| ≤ 0.5
+    (measured: euler 1.00, midpoint 2.02, heun3 3.01, rk4 4.04, exponential 4.00, dopri5 5.41,
+    dopri8 7.94, DOP853 8.16). The Adams methods (order None: it grows with their history) must
+    converge faster than order 4 (measured 4.55); torchdiffeq's explicit_adams, up to order 12 with
+    a tiny stability region, diverges here (error 2.6 at h = 1/16, growing as h shrinks)."""
     order = make(0.1).order
     if name == "ODE-explicit_adams":
         pytest.xfail("torchdiffeq's explicit_adams (Adams–Bashforth up to order 12) is unstable at these steps")
     steps = ORDER_STEPS.get(order, [1 / 32, 1 / 64, 1 / 128])
     errors = [float((final_theta(make(h), dynamics, problem)[0].reshape(-1) - fine_reference).norm() / fine_reference.norm()) for h in steps]
-    measured = slope(steps, errors)
+    measured = slope(steps[-2:], errors[-2:])
     print(f"{name}: order {order}, slope {measured:.2f}, errors {np.array(errors)}")
-    # the finest error is ≥ 30× the floor: round-off of the run and the reference, one rounding of
-    # y0 + h·Σ b_j k_j per step (Higham: n·ε over the steps of both)
-    assert errors[-1] > 30 * roundoff(n_ops=round(T / steps[-1]) + 64)
+    # the finest error is ≥ 10× the worst-case round-off of the run and the reference, one rounding
+    # of y0 + h·Σ b_j k_j per step (Higham: n·ε over the steps of both; typical round-off is √n·ε)
+    assert errors[-1] > 10 * roundoff(n_ops=round(T / steps[-1]) + 64)
     if order is None:
-        assert measured > 4 - 0.3
+        assert measured > 4
     else:
-        assert order - 0.3 <= measured <= order + 1
+        assert abs(measured - order) <= 0.5
 
 
 def test_scipy_matches_torchdiffeq(problem, reference):
