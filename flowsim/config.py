@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import zoo
 from .errors import ConfigError, FlowsimError, bad_value, check_seed
 from .toml import read_toml
 
@@ -50,7 +51,11 @@ class RunConfig:
 
 
 def _call_with(fn: Callable, section: str, args: Mapping[str, Any]) -> Any:
-    """fn(**args), with unknown keys and wrong types reported as ConfigError naming the key."""
+    """fn(**args), with unknown keys and wrong types reported as ConfigError naming the key.
+
+    A TypeError or ValueError whose message starts with one of fn's argument names, as the
+    zoo's are (``depth: got 0; expected an integer >= 1``), becomes
+    ``ConfigError("<section>.depth: got 0; …")``; any other error of fn names the section."""
     params = inspect.signature(fn).parameters
     accepted = [p for p in params if params[p].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for key in args:
@@ -66,6 +71,9 @@ def _call_with(fn: Callable, section: str, args: Mapping[str, Any]) -> Any:
     except FlowsimError:
         raise
     except (TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
+        argument, colon, _ = str(exc).partition(":")
+        if isinstance(exc, (TypeError, ValueError)) and colon and argument in accepted:
+            raise ConfigError(f"{section}.{exc}") from exc
         why = next(iter(str(exc).strip().splitlines()), "")  # torch's messages go on with a C++ trace
         raise ConfigError(f"{section}: {fn.__name__} refused {dict(args)} ({type(exc).__name__}: {why})") from exc
 
@@ -99,8 +107,6 @@ def _named(section: str, table: Mapping[str, Any], choices: Mapping[str, Any]) -
 def _data_shaped_arguments(
     factory: Callable, model_args: dict[str, Any], X: torch.Tensor, y: torch.Tensor, loss: str
 ) -> dict[str, Any]:
-    from flowsim.models import DATA_ARGUMENTS
-
     if loss == "cross_entropy":
         outputs = int(y.max()) + 1 if not y.is_floating_point() else None
     else:
@@ -112,8 +118,8 @@ def _data_shaped_arguments(
         "outputs": outputs,
     }
     filled = dict(model_args)
-    for arg in inspect.signature(factory).parameters:
-        source = DATA_ARGUMENTS.get(arg)
+    for arg in zoo.parameters_of(factory):
+        source = zoo.DATA_ARGUMENTS.get(arg)
         if source and arg not in filled and read[source] is not None:
             filled[arg] = read[source]
     return filled
@@ -125,7 +131,6 @@ def load_config(source: str | os.PathLike, **run_overrides: Any) -> RunConfig:
 
     Every key is checked before anything runs; an error names the section and key."""
     from flowsim import data as data_module
-    from flowsim import models
     from flowsim.dynamics import DYNAMICS
     from flowsim.integrators import INTEGRATORS
     from flowsim.problem import Problem
@@ -168,7 +173,7 @@ def load_config(source: str | os.PathLike, **run_overrides: Any) -> RunConfig:
     problem_args = dict(raw.get("problem", {}))
     loss = problem_args.get("loss", "cross_entropy")
     model_args = dict(raw["model"])
-    factory = models.factory(model_args.pop("name", None))
+    factory = zoo.factory(model_args.pop("name", None))
     model_args = _data_shaped_arguments(factory, model_args, X, y, loss)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.get("seed", 0))

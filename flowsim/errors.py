@@ -10,6 +10,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+from .models import checks
+
 #: the largest seed: seeds are 64-bit signed integers (torch.manual_seed, numpy, the checkpoints)
 MAX_SEED = 2**63 - 1
 
@@ -50,21 +52,12 @@ def check_number(
     cls: type[FlowsimError] = ConfigError,
 ) -> Any:
     """Return `value` as a plain int or float if it is a finite number in range (Python's or
-    numpy's: any ``numbers.Integral`` or ``numbers.Real`` but a bool), else raise `cls`."""
-    kind = "an integer" if integer else "a finite number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
-        raise bad_value(field, value, kind, cls)
+    numpy's: any ``numbers.Integral`` or ``numbers.Real`` but a bool), else raise `cls`: the
+    zoo's check (``flowsim.models.checks.number``) with its error raised as `cls`."""
     try:
-        value = int(value) if integer else float(value)
-    except OverflowError:  # an int too large for a float
-        raise bad_value(field, value, kind, cls) from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise bad_value(field, value, kind, cls)
-    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
-        raise bad_value(field, value, f"{kind} {'>' if exclusive_minimum else '>='} {minimum}", cls)
-    if maximum is not None and value > maximum:
-        raise bad_value(field, value, f"{kind} <= {maximum}", cls)
-    return value
+        return checks.number(field, value, integer=integer, minimum=minimum, maximum=maximum, exclusive_minimum=exclusive_minimum)
+    except (TypeError, ValueError) as exc:
+        raise cls(str(exc)) from None
 
 
 def check_field(obj: Any, section: str, name: str, **limits: Any) -> None:
@@ -87,10 +80,12 @@ class IntegrationError(FlowsimError, RuntimeError):
 
 
 def check_flag(field: str, value: Any, cls: type[FlowsimError] = ConfigError) -> bool:
-    """Return `value` if it is a bool (true or false), else raise `cls`."""
-    if not isinstance(value, bool):
-        raise bad_value(field, value, "true or false", cls)
-    return value
+    """Return `value` if it is a bool (true or false), else raise `cls` (the zoo's check,
+    ``flowsim.models.checks.flag``)."""
+    try:
+        return checks.flag(field, value)
+    except TypeError as exc:
+        raise cls(str(exc)) from None
 
 
 def check_fits_memory(field: str, needed: int, what: str, expected: str) -> None:

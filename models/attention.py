@@ -13,10 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowsim.errors import bad_value, check_number
-
-from .limits import MAX_DEPTH
-
+from .checks import MAX_DEPTH, flag, number, one_of, refusal
 from .mlp import activation_layer
 
 NORMS = ("pre", "post", "none")
@@ -31,15 +28,14 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, heads: int = 2, head_dim: int | None = None, bias: bool = False, causal: bool = False) -> None:
         super().__init__()
-        d_model = check_number("model.d_model", d_model, integer=True, minimum=1)
-        heads = check_number("model.heads", heads, integer=True, minimum=1)
+        d_model = number("d_model", d_model, integer=True, minimum=1)
+        heads = number("heads", heads, integer=True, minimum=1)
         if head_dim is None:
             if d_model % heads:
-                raise bad_value("model.heads", heads, f"a divisor of d_model={d_model}, or give head_dim")
+                raise refusal("heads", heads, f"a divisor of d_model={d_model}, or give head_dim")
             head_dim = d_model // heads
-        head_dim = check_number("model.head_dim", head_dim, integer=True, minimum=1)
-        if not isinstance(causal, bool):
-            raise bad_value("model.causal", causal, "true or false")
+        head_dim = number("head_dim", head_dim, integer=True, minimum=1)
+        flag("causal", causal)
         self.heads, self.head_dim, self.causal = heads, head_dim, causal
         inner = heads * head_dim
         self.q, self.k, self.v = (nn.Linear(d_model, inner, bias=bias) for _ in range(3))
@@ -80,10 +76,9 @@ class Block(nn.Module):
         ln_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise bad_value("model.norm", norm, f"one of {', '.join(NORMS)}")
-        hidden = check_number("model.hidden", hidden, integer=True, minimum=1)
-        ln_eps = check_number("model.ln_eps", ln_eps, minimum=0.0)
+        one_of("norm", norm, NORMS)
+        hidden = number("hidden", hidden, integer=True, minimum=1)
+        ln_eps = number("ln_eps", ln_eps, minimum=0.0)
         self.norm = norm
         self.ln1 = nn.LayerNorm(d_model, eps=ln_eps) if norm != "none" else nn.Identity()
         self.attn = Attention(d_model, heads, head_dim, bias=bias, causal=causal)
@@ -158,11 +153,11 @@ def transformer(
     Layer names: ``embed``, ``pos``, ``blocks.{i}.{ln1,attn.{q,k,v,o},ln2,fc1,fc2}``, ``norm``,
     ``head``. `vocab` and `length` are read off the data (X of shape (N, length, vocab)).
     """
-    depth = check_number("model.depth", depth, integer=True, minimum=1, maximum=MAX_DEPTH)
-    width = check_number("model.width", width, integer=True, minimum=1)
-    vocab = check_number("model.vocab", vocab, integer=True, minimum=1)
-    length = check_number("model.length", length, integer=True, minimum=1)
-    num_classes = check_number("model.num_classes", num_classes, integer=True, minimum=1)
+    depth = number("depth", depth, integer=True, minimum=1, maximum=MAX_DEPTH)
+    width = number("width", width, integer=True, minimum=1)
+    vocab = number("vocab", vocab, integer=True, minimum=1)
+    length = number("length", length, integer=True, minimum=1)
+    num_classes = number("num_classes", num_classes, integer=True, minimum=1)
     blocks = [Block(width, heads, head_dim, hidden, norm, activation, bias, causal, ln_eps) for _ in range(depth)]
     final = nn.LayerNorm(width, eps=ln_eps) if norm == "pre" else nn.Identity()
     return Transformer(vocab, length, width, blocks, num_classes, final)

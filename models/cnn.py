@@ -6,10 +6,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from flowsim.errors import bad_value, check_number
-
-from .limits import MAX_DEPTH
-
+from .checks import MAX_DEPTH, flag, number
 from .mlp import activation_layer
 
 
@@ -33,15 +30,14 @@ def vgg(
     the scale symmetry at relative order eps/Var (exactness tests use 1e-12 in float64).
     `activation` is relu, leaky_relu, identity or tanh (see ``mlp``); `pool_every=0` never pools.
     """
-    depth = check_number("model.depth", depth, integer=True, minimum=1, maximum=MAX_DEPTH)
-    width = check_number("model.width", width, integer=True, minimum=1)
-    pool_every = check_number("model.pool_every", pool_every, integer=True, minimum=0)
-    in_channels = check_number("model.in_channels", in_channels, integer=True, minimum=1)
-    image_size = check_number("model.image_size", image_size, integer=True, minimum=1)
-    num_classes = check_number("model.num_classes", num_classes, integer=True, minimum=1)
-    bn_eps = check_number("model.bn_eps", bn_eps, minimum=0.0)
-    if not isinstance(batch_norm, bool):
-        raise bad_value("model.batch_norm", batch_norm, "true or false")
+    depth = number("depth", depth, integer=True, minimum=1, maximum=MAX_DEPTH)
+    width = number("width", width, integer=True, minimum=1)
+    pool_every = number("pool_every", pool_every, integer=True, minimum=0)
+    in_channels = number("in_channels", in_channels, integer=True, minimum=1)
+    image_size = number("image_size", image_size, integer=True, minimum=1)
+    num_classes = number("num_classes", num_classes, integer=True, minimum=1)
+    bn_eps = number("bn_eps", bn_eps, minimum=0.0)
+    flag("batch_norm", batch_norm)
     blocks: list[tuple[str, nn.Module]] = []
     channels, size = in_channels, image_size
     for i in range(1, depth + 1):

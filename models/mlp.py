@@ -6,18 +6,14 @@ from collections import OrderedDict
 
 from torch import nn
 
-from flowsim.errors import bad_value, check_number
-
-from .limits import MAX_DEPTH
+from .checks import MAX_DEPTH, number, one_of
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "identity": nn.Identity, "tanh": nn.Tanh}
 
 
 def activation_layer(name: str) -> nn.Module:
     """The activation module called `name` (relu, leaky_relu, identity, tanh)."""
-    if name not in ACTIVATIONS:
-        raise bad_value("model.activation", name, f"one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[one_of("activation", name, ACTIVATIONS)]()
 
 
 def mlp(
@@ -33,10 +29,10 @@ def mlp(
     Layer names: ``fc1 … fc{depth}``, ``act1 …``, ``out``. tanh is offered as the
     non-homogeneous contrast: it has no rescale symmetry.
     """
-    depth = check_number("model.depth", depth, integer=True, minimum=0, maximum=MAX_DEPTH)
-    width = check_number("model.width", width, integer=True, minimum=1)
-    in_features = check_number("model.in_features", in_features, integer=True, minimum=1)
-    out_features = check_number("model.out_features", out_features, integer=True, minimum=1)
+    depth = number("depth", depth, integer=True, minimum=0, maximum=MAX_DEPTH)
+    width = number("width", width, integer=True, minimum=1)
+    in_features = number("in_features", in_features, integer=True, minimum=1)
+    out_features = number("out_features", out_features, integer=True, minimum=1)
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     fan_in = in_features
     for i in range(1, depth + 1):

@@ -12,10 +12,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from flowsim.errors import bad_value, check_number
-
-from .limits import MAX_DEPTH
-
+from .checks import MAX_DEPTH, flag, number
 from .mlp import activation_layer
 
 
@@ -89,15 +86,14 @@ def resnet(
     Layer names: ``stem.{conv,bn,act}``, ``stage{s}.block{b}.{conv1,bn1,conv2,bn2,shortcut}``,
     ``pool``, ``flatten``, ``fc``. `image_size` is checked only to be at least 1; any size works.
     """
-    width = check_number("model.width", width, integer=True, minimum=1)
-    stages = check_number("model.stages", stages, integer=True, minimum=1)
-    blocks_per_stage = check_number("model.blocks_per_stage", blocks_per_stage, integer=True, minimum=1)
-    in_channels = check_number("model.in_channels", in_channels, integer=True, minimum=1)
-    check_number("model.image_size", image_size, integer=True, minimum=1)
-    num_classes = check_number("model.num_classes", num_classes, integer=True, minimum=1)
-    bn_eps = check_number("model.bn_eps", bn_eps, minimum=0.0)
-    if not isinstance(batch_norm, bool):
-        raise bad_value("model.batch_norm", batch_norm, "true or false")
+    width = number("width", width, integer=True, minimum=1)
+    stages = number("stages", stages, integer=True, minimum=1)
+    blocks_per_stage = number("blocks_per_stage", blocks_per_stage, integer=True, minimum=1)
+    in_channels = number("in_channels", in_channels, integer=True, minimum=1)
+    number("image_size", image_size, integer=True, minimum=1)
+    num_classes = number("num_classes", num_classes, integer=True, minimum=1)
+    bn_eps = number("bn_eps", bn_eps, minimum=0.0)
+    flag("batch_norm", batch_norm)
     stem = [("conv", nn.Conv2d(in_channels, width, 3, padding=1, bias=bias))]
     if batch_norm:
         stem.append(("bn", nn.BatchNorm2d(width, eps=bn_eps)))
@@ -129,11 +125,11 @@ def residual_mlp(
 
     Layer names: ``inp``, ``block{i}.fc1``, ``block{i}.fc2``, ``act``, ``out``.
     """
-    in_features = check_number("model.in_features", in_features, integer=True, minimum=1)
-    out_features = check_number("model.out_features", out_features, integer=True, minimum=1)
-    depth = check_number("model.depth", depth, integer=True, minimum=0, maximum=MAX_DEPTH)
-    width = check_number("model.width", width, integer=True, minimum=1)
-    hidden = check_number("model.hidden", hidden, integer=True, minimum=1)
+    in_features = number("in_features", in_features, integer=True, minimum=1)
+    out_features = number("out_features", out_features, integer=True, minimum=1)
+    depth = number("depth", depth, integer=True, minimum=0, maximum=MAX_DEPTH)
+    width = number("width", width, integer=True, minimum=1)
+    hidden = number("hidden", hidden, integer=True, minimum=1)
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten()), ("inp", nn.Linear(in_features, width, bias=bias))]
     layers += [(f"block{i}", ResidualMLPBlock(width, hidden, activation, bias)) for i in range(1, depth + 1)]
     layers += [("act", activation_layer(activation)), ("out", nn.Linear(width, out_features, bias=bias))]

@@ -37,13 +37,7 @@ RULES = [
 ]
 
 #: (importer, imported) pairs that break a rule today, and why they are still there
-KNOWN_VIOLATIONS = {
-    ("flowsim.models.attention", "flowsim.errors"): "the zoo's argument checks raise ConfigError (renovation, #16)",
-    ("flowsim.models.cnn", "flowsim.errors"): "the same",
-    ("flowsim.models.mlp", "flowsim.errors"): "the same",
-    ("flowsim.models.resnet", "flowsim.errors"): "the same",
-    ("flowsim.models", "flowsim.errors"): "the zoo's config registry raises ConfigError (renovation, #16)",
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:

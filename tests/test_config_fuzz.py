@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 import flowsim as fs
 from flowsim import config as fs_config
 from flowsim import data as fs_data
-from flowsim import models
+from flowsim import zoo
 from flowsim.dynamics import DYNAMICS
 from flowsim.integrators import INTEGRATORS
 
@@ -76,7 +76,7 @@ def _zoo() -> dict[str, object]:
 
     return {
         f"{module}.{name}": getattr(importlib.import_module(f"flowsim.models.{module}"), name)
-        for module, names in models.ZOO.items()
+        for module, names in zoo.ZOO.items()
         for name in names
     }
 

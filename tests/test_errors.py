@@ -109,13 +109,40 @@ def test_bad_arguments_through_the_api():
         (lambda: fs.Problem(problem.model, (X, y), loss="hinge"), "loss"),
         (lambda: fs.Problem(problem.model, (X, y), weight_decay=float("nan")), "weight_decay"),
         (lambda: fs.Problem("not a model", (X, y)), "model"),
-        (lambda: fs.models.factory("cnn.resnet"), "model.name"),
+        (lambda: fs.zoo.factory("cnn.resnet"), "model.name"),
     ]
     for make, field in cases:
         with pytest.raises(fs.FlowsimError) as info:
             make()
         assert field in str(info.value), (field, str(info.value))
         assert isinstance(info.value, ValueError)
+
+
+def test_the_zoo_raises_plain_errors_and_a_config_names_the_model_key():
+    """The zoo is plain PyTorch: ValueError (out of range) or TypeError (wrong kind), never a
+    FlowsimError; a config turns its error into ConfigError("model.<argument>: …")."""
+    cases = [
+        (lambda: fs.models.cnn.vgg(depth=0), ValueError, "depth: got 0; expected an integer >= 1"),
+        (lambda: fs.models.mlp.mlp(depth=10**5), ValueError, "depth: got 100000; expected an integer <= 10000"),
+        (lambda: fs.models.mlp.mlp(width=2.0), TypeError, "width: got 2.0; expected an integer"),
+        (lambda: fs.models.cnn.vgg(bn_eps=math.nan), ValueError, "bn_eps: got nan; expected a finite number"),
+        (lambda: fs.models.resnet.resnet(batch_norm=1), TypeError, "batch_norm: got 1; expected true or false"),
+        (lambda: fs.models.mlp.mlp(activation="gelu"), ValueError, "activation: got 'gelu'; expected one of relu, leaky_relu, identity, tanh"),
+        (lambda: fs.models.attention.block(norm="mid"), ValueError, "norm: got 'mid'; expected one of pre, post, none"),
+        (lambda: fs.models.attention.layer(d_model=3, heads=2), ValueError, "heads: got 2; expected a divisor of d_model=3, or give head_dim"),
+    ]
+    for make, cls, message in cases:
+        with pytest.raises(cls) as info:
+            make()
+        assert str(info.value) == message and not isinstance(info.value, fs.FlowsimError)
+    vgg = edit(GOOD, 'name = "mlp.mlp"\ndepth = 1', 'name = "cnn.vgg"\ndepth = 0')
+    with pytest.raises(fs.ConfigError) as info:
+        fs.load_config(vgg)
+    assert str(info.value) == "model.depth: got 0; expected an integer >= 1"
+    # flowsim's own check is the zoo's, raised as the FlowsimError asked for
+    with pytest.raises(fs.ModelError) as info:
+        fs.errors.check_number("model.depth", 0, integer=True, minimum=1, cls=fs.ModelError)
+    assert str(info.value) == "model.depth: got 0; expected an integer >= 1"
 
 
 def test_an_existing_output_is_never_touched(tmp_path):
