@@ -8,17 +8,18 @@ __version__ = "0.1.0"
 
 from . import errors
 from .errors import ConfigError, DataError, FlowsimError, IntegrationError, ModelError, RecordError
-from . import data, laws, models, integrators  # noqa: E402  (models/integrators need errors first)
+from . import data, laws, models, integrators
 from . import theory
 from .problem import Problem
 from .dynamics import DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
+from .integrators import ODE, RK, SDE, Discrete, Exponential, FusedEulerMaruyama, SciPy
 from .laws import Law
-from .simulate import simulate
+from .simulation import simulate
 from .status import Status
 from .config import load_config, run_config
 from .record import open_record
-from .compare import compare
-from .sweep import sweep
+from .comparison import compare
+from .sweeps import sweep
 from . import accessor  # noqa: F401  (registers ds.flowsim)
 
 __all__ = [
@@ -41,6 +42,13 @@ __all__ = [
     "ModifiedFlow",
     "MomentumFlow",
     "SGDNoise",
+    "RK",
+    "ODE",
+    "SciPy",
+    "Exponential",
+    "Discrete",
+    "SDE",
+    "FusedEulerMaruyama",
     "Law",
     "simulate",
     "Status",

@@ -82,7 +82,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .sweep import parse_over, sweep
+    from .sweeps import parse_over, sweep
 
     out = args.out if args.out is not None else str(Path(args.config).with_suffix("")) + "_sweep"
     ds = sweep(
@@ -105,7 +105,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare, describe
+    from .comparison import compare, describe
     from .errors import ConfigError
 
     if args.output and not args.output.endswith(".nc"):

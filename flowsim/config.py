@@ -45,7 +45,7 @@ class RunConfig:
 
     def simulate(self, **overrides: Any):
         """Run it (``overrides`` replace [run] keys, e.g. out= or progress=)."""
-        from .simulate import simulate
+        from .simulation import simulate
 
         return simulate(self.problem, self.dynamics, self.integrator, config=self.text, **{**self.run, **overrides})
 

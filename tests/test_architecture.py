@@ -27,7 +27,7 @@ RULES = [
     ("flowsim.integrators", "flowsim.problem", "integrators see a term, never the problem"),
     ("flowsim.integrators", "flowsim.laws", "integrators know nothing of laws"),
     ("flowsim.integrators", "flowsim.record", "integrators know nothing of the record"),
-    ("flowsim.integrators", "flowsim.simulate", "integrators know nothing of simulate"),
+    ("flowsim.integrators", "flowsim.simulation", "integrators know nothing of simulate"),
     ("flowsim.dynamics", "flowsim.integrators", "dynamics hand terms; the default table pairs them"),
     ("flowsim.dynamics", "flowsim.record", "dynamics know nothing of the record"),
     ("flowsim.record", "flowsim.dynamics", "the record observes save points"),

@@ -532,7 +532,7 @@ import json, pickle, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {tests!r})
 from distributed import Client, LocalCluster
-from flowsim.sweep import sweep
+from flowsim.sweeps import sweep
 
 
 def arm(*args):

@@ -15,7 +15,7 @@ import xarray as xr
 import flowsim as fs
 from conftest import relative
 from flowsim import cli
-from flowsim.sweep import parse_over, sweep
+from flowsim.sweeps import parse_over, sweep
 
 distributed = pytest.importorskip("distributed")
 
@@ -120,7 +120,7 @@ def test_sweep_cli_on_separate_scheduler_and_worker(tmp_path, capsys):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     dask = [sys.executable, "-m", "dask"]
     scheduler = subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--dashboard-address", ":0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([*dask, "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--preload", "flowsim.sweep"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([*dask, "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--preload", "flowsim.sweeps"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         out = tmp_path / "sweep"
         code = cli.main(["sweep", str(config), "--over", "lr=0.5", "--over", "seed=0:2", "--scheduler", address, "--out", str(out), "--no-progress", "--ensemble-seeds"])

@@ -16,7 +16,7 @@ import pytest
 import flowsim as fs
 from flowsim import cli
 from flowsim.lock import lock_path, output_lock
-from flowsim.sweep import sweep
+from flowsim.sweeps import sweep
 
 distributed = pytest.importorskip("distributed")
 psutil = pytest.importorskip("psutil")
@@ -104,7 +104,7 @@ def test_local_cluster_workers_die_with_their_parent():
     parent's death (prctl PR_GET_PDEATHSIG), and its parent is this process."""
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
-    from flowsim.sweep import _local_cluster
+    from flowsim.sweeps import _local_cluster
 
     def death_signal():
         import ctypes

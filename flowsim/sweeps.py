@@ -49,7 +49,7 @@ from .config import PROBLEM_KEYS, RUN_KEYS, load_config
 from .ensemble import check_batched
 from .errors import ConfigError, FlowsimError, check_number
 from .lock import output_lock
-from .simulate import save_grid
+from .simulation import save_grid
 from .status import Status
 from .store import remove_checkpoint, replace
 from .toml import dumps, read_toml
