@@ -29,7 +29,7 @@ from torch.func import vmap
 
 from .dynamics import Dynamics
 from .errors import ConfigError, ModelError, bad_value, check_fits_memory, check_number, check_seed
-from .problem import BatchSampler, Problem, _per_example_loss
+from .problem import BatchSampler, Problem, _per_example_loss, gradient_and_hvp
 
 
 def check_batched(dynamics: Dynamics, field: str) -> None:
@@ -115,13 +115,8 @@ class Ensemble:
 
     def loss_grad_hvp(self, theta: Tensor, shift: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         """(L(θ_k), ĝ_k, H_k (ĝ_k + shift·θ_k)) for every row, by one double backward of Σ_k L(θ_k)."""
-        with torch.enable_grad():
-            leaf = theta.detach().requires_grad_(True)
-            losses = self.member_losses(leaf)
-            (grad,) = torch.autograd.grad(losses.sum(), leaf, create_graph=True)
-            direction = grad.detach().add(theta, alpha=shift) if shift else grad.detach()
-            (hv,) = torch.autograd.grad(grad, leaf, direction)
-        return losses.detach(), grad.detach(), hv
+        along = (lambda grad: grad.add(theta, alpha=shift)) if shift else (lambda grad: grad)
+        return gradient_and_hvp(self.member_losses, theta, along)
 
     def error_norm(self, ratio: Tensor) -> Tensor:
         """An adaptive ODE solver's error norm: the largest of the members' RMS norms, so every

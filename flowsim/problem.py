@@ -31,6 +31,22 @@ from .errors import DataError, ModelError, bad_value, check_number
 from .terms import Members
 
 
+def gradient_and_hvp(losses: Callable[[Tensor], Tensor], theta: Tensor, direction: Tensor | Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(ℓ, ∇_θ Σℓ, ∇²_θ Σℓ · d) for ℓ = losses(θ) (a scalar, or one loss per ensemble member), by
+    one forward, a backward that keeps its graph and a double backward: the one Hessian-vector
+    product of flowsim. `direction` is d, or a function of the (detached) gradient giving it.
+
+    Double backward, not forward-over-reverse (``torch.func.jvp`` of the gradient needs the
+    gradient first, so one more pass; ``benchmarks/hessian_vector.py``)."""
+    with torch.enable_grad():
+        leaf = theta.detach().requires_grad_(True)
+        loss = losses(leaf)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf, create_graph=True)
+        d = direction(grad.detach()) if callable(direction) else direction
+        (hv,) = torch.autograd.grad(grad, leaf, d)
+    return loss.detach(), grad.detach(), hv
+
+
 class BatchSampler(Protocol):
     """What draws mini-batches (``DiscreteSGD``): step k's example indices from `seed`."""
 
@@ -378,31 +394,18 @@ class Problem:
 
     def hvp(self, theta: Tensor, v: Tensor, index: Tensor | None = None) -> Tensor:
         """H(θ) v with H = ∇²L (data loss, no penalty), by double backward."""
-        with torch.enable_grad():
-            leaf = theta.detach().requires_grad_(True)
-            loss = self.per_example_losses(leaf, index).mean()
-            (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
-            (hv,) = torch.autograd.grad(grad, leaf, v)
-        return hv
+        return gradient_and_hvp(lambda leaf: self.per_example_losses(leaf, index).mean(), theta, v)[2]
 
     def loss_grad_hvp(self, theta: Tensor, shift: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         """(L(θ), ĝ, H (ĝ + shift·θ)) on all examples, H = ∇²L: the gradient and the Hessian
-        applied to it in one pass (forward, backward with graph, double backward).
-
-        Double backward, not forward-over-reverse (``torch.func.jvp`` of the gradient needs ĝ
-        first, so one more pass; ``benchmarks/hessian_vector.py``). A chunked problem takes two
-        passes: the gradient, then H v chunk by chunk."""
+        applied to it in one pass (``gradient_and_hvp``). A chunked problem takes two passes: the
+        gradient, then H v chunk by chunk."""
         if self.chunk_size is not None and self.chunk_size < self.n_examples:
             loss, grad = self.loss_and_grad(theta)
             direction = grad.add(theta, alpha=shift) if shift else grad
             return loss, grad, sum(w * self.hvp(theta, direction, chunk) for chunk, w in self._parts(None))
-        with torch.enable_grad():
-            leaf = theta.detach().requires_grad_(True)
-            loss = self.per_example_losses(leaf).mean()
-            (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
-            direction = grad.detach().add(theta, alpha=shift) if shift else grad.detach()
-            (hv,) = torch.autograd.grad(grad, leaf, direction)
-        return loss.detach(), grad.detach(), hv
+        along = (lambda grad: grad.add(theta, alpha=shift)) if shift else (lambda grad: grad)
+        return gradient_and_hvp(lambda leaf: self.per_example_losses(leaf).mean(), theta, along)
 
     # ----------------------------------------------------------------------------- metadata
     def describe(self) -> dict[str, Any]:
