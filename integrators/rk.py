@@ -1,4 +1,4 @@
-"""Explicit Runge–Kutta methods fused on one stage buffer: torchdiffeq's tableaus and step-size
+"""Explicit Runge–Kutta methods fused on one stage buffer: torchdiffeq's tableaus (integrators.tableaus) and step-size
 control, without its per-step overheads.
 
 One step of an s-stage method from (t0, y0) with size h:
@@ -34,8 +34,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torchdiffeq._impl.misc import _rms_norm, _select_initial_step
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from flowsim.errors import ConfigError, IntegrationError, bad_value, check_field
 from flowsim.terms import VectorField
@@ -43,102 +41,7 @@ from flowsim.terms import VectorField
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
 from .control import StepSizeController
 from .ode import check_rtol
-
-# ----------------------------------------------------------------------------------------- tableaus
-
-
-@dataclass(frozen=True)
-class ButcherTableau:
-    """An explicit Runge–Kutta method::
-
-        c_0 = 0  |
-        c_1      | a_10
-        c_2      | a_20  a_21
-        ⋮        | ⋮            ⋱
-        c_{s-1}  | a_{s-1,0}   …   a_{s-1,s-2}
-        ---------+-------------------------------
-                 | b_0   b_1   …   b_{s-1}        (the solution)
-                 | e_0   e_1   …   e_{s-1}        (error weights b − b̂; None: fixed steps)
-                 | m_0   m_1   …   m_{s-1}        (y(t0 + h/2) for dense output; None: linear)
-
-    `order` is the exponent of the step-size control (torchdiffeq's ``order``). Checked on
-    construction: each row of a sums to its c, b sums to 1, e to 0 and m to 1/2.
-    """
-
-    name: str
-    order: int
-    c: tuple[float, ...]
-    a: tuple[tuple[float, ...], ...]
-    b: tuple[float, ...]
-    b_error: tuple[float, ...] | None = None
-    b_mid: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        s = len(self.c)
-        if s == 0 or self.c[0] != 0 or len(self.a) != s or len(self.b) != s:
-            raise ValueError(f"tableau {self.name}: expected c (with c_0 = 0), a and b of one length s, got {self}")
-        for i, (c_i, row) in enumerate(zip(self.c, self.a)):
-            if len(row) != i:
-                raise ValueError(f"tableau {self.name}: row {i} of a has {len(row)} entries; expected {i} (explicit method)")
-            if abs(math.fsum(row) - c_i) > 1e-12:
-                raise ValueError(f"tableau {self.name}: row {i} of a sums to {math.fsum(row)!r}; expected c_{i} = {c_i!r}")
-        for weights, total, label in ((self.b, 1.0, "b"), (self.b_error, 0.0, "b_error"), (self.b_mid, 0.5, "b_mid")):
-            if weights is None:
-                continue
-            if len(weights) != s:
-                raise ValueError(f"tableau {self.name}: {label} has {len(weights)} entries; expected {s}")
-            if abs(math.fsum(weights) - total) > 1e-12:
-                raise ValueError(f"tableau {self.name}: {label} sums to {math.fsum(weights)!r}; expected {total}")
-        if self.b_mid is not None and self.b_error is None:
-            raise ValueError(f"tableau {self.name}: b_mid (dense output) is only used with b_error (adaptive steps)")
-
-    @property
-    def stages(self) -> int:
-        return len(self.c)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.b_error is not None
-
-    @property
-    def fsal(self) -> bool:
-        """First same as last: the last stage is evaluated at y1, so it is the next step's k_0."""
-        return self.stages > 1 and self.c[-1] == 1 and self.a[-1] == self.b[:-1] and self.b[-1] == 0
-
-    @classmethod
-    def from_torchdiffeq(cls, name: str) -> ButcherTableau:
-        """torchdiffeq's own coefficients for its adaptive method `name` (dopri5, dopri8, …)."""
-        solver = SOLVERS[name]
-        t = solver.tableau
-        return cls(
-            name=name,
-            order=solver.order,
-            c=(0.0, *t.alpha.tolist()),
-            a=((), *(tuple(row.tolist()) for row in t.beta)),
-            b=tuple(t.c_sol.tolist()),
-            b_error=tuple(t.c_error.tolist()),
-            b_mid=tuple(solver.mid.tolist()),
-        )
-
-
-def _fixed(name: str, order: int, c: tuple, a: tuple, b: tuple) -> ButcherTableau:
-    return ButcherTableau(name, order, tuple(map(float, c)), tuple(tuple(map(float, r)) for r in a), tuple(map(float, b)))
-
-
-#: every method RK runs: torchdiffeq's explicit adaptive RK methods (its coefficients) and its
-#: fixed-step ones (written out; "rk4" is torchdiffeq's, the 3/8 rule)
-TABLEAUS: dict[str, ButcherTableau] = {
-    **{
-        name: ButcherTableau.from_torchdiffeq(name)
-        for name, solver in SOLVERS.items()
-        if isinstance(solver, type) and issubclass(solver, RKAdaptiveStepsizeODESolver)
-    },
-    "euler": _fixed("euler", 1, (0,), ((),), (1,)),
-    "midpoint": _fixed("midpoint", 2, (0, 1 / 2), ((), (1 / 2,)), (0, 1)),
-    "heun2": _fixed("heun2", 2, (0, 1), ((), (1,)), (1 / 2, 1 / 2)),
-    "heun3": _fixed("heun3", 3, (0, 1 / 3, 2 / 3), ((), (1 / 3,), (0, 2 / 3)), (1 / 4, 0, 3 / 4)),
-    "rk4": _fixed("rk4", 4, (0, 1 / 3, 2 / 3, 1), ((), (1 / 3,), (-1 / 3, 1), (1, -1, 1)), (1 / 8, 3 / 8, 3 / 8, 1 / 8)),
-}
+from .tableaus import TABLEAUS, ButcherTableau
 
 # ----------------------------------------------------------------------------------------- the integrator
 
