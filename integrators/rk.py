@@ -1,5 +1,5 @@
-"""Explicit Runge–Kutta methods fused on one stage buffer: torchdiffeq's tableaus (integrators.tableaus) and step-size
-control, without its per-step overheads.
+"""Explicit Runge–Kutta methods fused on one stage buffer: torchdiffeq's tableaus
+(integrators.tableaus) and step-size control, without its per-step overheads.
 
 One step of an s-stage method from (t0, y0) with size h:
 
