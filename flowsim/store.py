@@ -150,6 +150,16 @@ def replace(new: Path, path: Path) -> None:
     shutil.rmtree(old)
 
 
+def write_record(ds: xr.Dataset, path: Path) -> None:
+    """Write a whole record to the .zarr `path`, replacing any store there: built in
+    ``<path>.creating``, then put in place by `replace`, so a kill leaves one whole record."""
+    creating = path.with_name(path.name + ".creating")
+    if creating.is_dir():
+        shutil.rmtree(creating)
+    ds.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
+    replace(creating, path)
+
+
 class ZarrStore:
     """A .zarr record that a kill at any moment leaves readable, its saved rows intact.
 

@@ -51,7 +51,7 @@ from .errors import ConfigError, FlowsimError, check_number
 from .lock import output_lock
 from .simulation import save_grid
 from .status import Status
-from .store import remove_checkpoint, replace
+from .store import remove_checkpoint, write_record
 from .toml import dumps, read_toml
 
 #: statuses of a finished run: its point is not run again
@@ -131,9 +131,7 @@ def run_members(texts: Sequence[str], outs: Sequence[str | None]) -> list[tuple[
         if out is not None:  # as simulate(overwrite=True) would: built beside, swapped in, its checkpoint gone
             store = Path(out)
             with output_lock(store):
-                creating = store.with_name(store.name + ".creating")
-                record.to_zarr(creating, mode="w", zarr_format=2, consolidated=True)
-                replace(creating, store)
+                write_record(record, store)
                 remove_checkpoint(store)
         outcomes.append((record.attrs["status"], record.attrs["status_message"], None if out is not None else record))
     return outcomes
