@@ -34,14 +34,15 @@ def main(repeats: int, calls: int) -> None:
         return _batch_loss(problem.loss_kind, problem._forward(theta, X), y)
 
     dynamo = torch.compile(torch.func.grad_and_value(loss), fullgraph=True, dynamic=False)
-    no_split, split = CompiledGradient(loss, problem.X, problem.y), CompiledGradient(loss, problem.X, problem.y)
+    no_split, split = CompiledGradient(loss), CompiledGradient(loss)
+    X, y = problem.X, problem.y
     with mock.patch("flowsim.problem.split_contraction", lambda a, b: NotImplemented):
-        no_split(theta)  # traced and compiled here, without the split
+        no_split(theta, X, y)  # traced and compiled here, without the split
     gradients = {
         "eager": lambda: problem.loss_and_grad(theta),
         "torch.compile (Dynamo)": lambda: dynamo(theta, problem.X, problem.y),
-        "make_fx + Inductor, no split": lambda: no_split(theta),
-        "CompiledGradient": lambda: split(theta),
+        "make_fx + Inductor, no split": lambda: no_split(theta, X, y),
+        "CompiledGradient": lambda: split(theta, X, y),
     }
     reference = problem.loss_and_grad(theta)[1]
     for name, gradient in gradients.items():  # the first calls compile; each gradient is checked

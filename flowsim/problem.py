@@ -16,6 +16,7 @@ are never read nor written (they are passed as ``None`` to ``torch.func.function
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -100,20 +101,21 @@ class CompiledGradient:
     (what Dynamo's guards cost: ``benchmarks/compiled_gradient.py``, docs "Integrators").
     """
 
-    def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor], X: Tensor, y: Tensor) -> None:
-        self.loss, self.X, self.y = loss, X, y
+    def __init__(self, loss: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
+        self.loss = loss
         self.graph: torch.fx.GraphModule | None = None  # the traced ATen graph, kept for inspection
         self.compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
 
-    def __call__(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, theta: Tensor, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(∇L(θ), L(θ)) on (X, y): compiled at the first call for their shapes, dtypes and device."""
         if self.compiled is None:
             import torch._inductor  # lazily: loading the compiler takes a second
 
-            inputs = [theta, self.X, self.y]
+            inputs = [theta, X, y]
             decompositions = {torch.ops.aten.mm.default: split_contraction}
             self.graph = make_fx(torch.func.grad_and_value(self.loss), decompositions, tracing_mode="fake")(*inputs)
             self.compiled = torch._inductor.compile(self.graph, inputs)
-        return self.compiled(theta, self.X, self.y)
+        return self.compiled(theta, X, y)
 
 
 class Problem:
@@ -177,6 +179,9 @@ class Problem:
         self.device, self.dtype = reference.device, reference.dtype
         self._net, self._flat, self._flat_grad = _flat_network(model, self.names, self.sizes)
         self._compiled_grad: CompiledGradient | None = None  # set on the twin that compiled_gradient() returns
+        #: compiled gradients by what they depend on (``_compile_key``), shared with the copies `to`
+        #: makes, so that every simulate call of this problem compiles once
+        self._compiled_cache: dict[tuple, CompiledGradient] = {}
 
         self.X, self.y = self._check_data(data)
         self.output_shape = self._probe_output()
@@ -271,11 +276,14 @@ class Problem:
                 )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Problem:
-        """A copy on `device` with floating tensors in `dtype` (the model is deep-copied)."""
+        """A copy on `device` with floating tensors in `dtype` (the model is deep-copied); it shares
+        this problem's compiled gradients (``compiled_gradient``)."""
         model = copy.deepcopy(self.model).to(device=device, dtype=dtype).train()
         X = self.X.to(device=device, dtype=dtype if self.X.is_floating_point() else None)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
-        return Problem(model, (X, y), self.loss_kind, self.weight_decay, self.chunk_size)
+        bound = Problem(model, (X, y), self.loss_kind, self.weight_decay, self.chunk_size)
+        bound._compiled_cache = self._compiled_cache
+        return bound
 
     # ----------------------------------------------------------------------------- θ
     @property
@@ -344,7 +352,7 @@ class Problem:
         the full-batch evaluation is the compiled function instead."""
         if self._compiled_grad is not None and index is None:
             try:
-                grad, loss = self._compiled_grad(theta)
+                grad, loss = self._compiled_grad(theta, self.X, self.y)
                 return loss, grad
             except Exception as exc:  # any failure of the tracer or the compiler: carry on eagerly
                 warnings.warn(
@@ -377,12 +385,28 @@ class Problem:
         twin = copy.copy(self)
         if len(self._parts(None)) > 1:  # chunked: eager
             return twin
+        key = self._compile_key()
+        if key not in self._compiled_cache:
 
-        def loss(theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
-            return _batch_loss(self.loss_kind, self._forward(theta, X), y)
+            def loss(theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
+                return _batch_loss(self.loss_kind, self._forward(theta, X), y)
 
-        twin._compiled_grad = CompiledGradient(loss, self.X, self.y)
+            self._compiled_cache[key] = CompiledGradient(loss)
+        twin._compiled_grad = self._compiled_cache[key]
         return twin
+
+    def _compile_key(self) -> tuple:
+        """What a compiled gradient depends on beside θ, X and y (its inputs): their shapes,
+        dtypes and device, the loss, the parameter layout, the values of every buffer and
+        frozen parameter (traced into the graph as constants), and on the CPU torch's thread
+        count (``split_contraction`` slices by it)."""
+        constants = [(n, t) for n, t in self._net.named_buffers()]
+        constants += [(n, p) for n, p in self._net.named_parameters() if n not in self.names]
+        return (
+            self.loss_kind, self.names, self.shapes, str(self.X.device), torch.get_num_threads() if self.X.device.type == "cpu" else 0,
+            tuple(self.X.shape), self.X.dtype, tuple(self.y.shape), self.y.dtype,
+            tuple((n, tuple(t.shape), t.dtype, hashlib.sha256(t.detach().cpu().numpy().tobytes()).hexdigest()) for n, t in constants),
+        )
 
     def weighted_grad(self, theta: Tensor, weights: Tensor) -> Tensor:
         """∇_θ Σ_i w_i ℓ_i(θ) over all N examples: one forward+backward of the flat-buffer

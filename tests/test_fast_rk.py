@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import xarray as xr
 import torch._inductor
 from torch import Tensor, nn
 
@@ -388,6 +389,32 @@ def test_compile_switch(smooth, monkeypatch):
     bound = summation_order_bound("dopri5", 1e-6, problem, theta0, GRID, field_roundoff=field)
     assert relative(on[-1].theta, off[-1].theta) < bound
     assert problem._compiled_grad is None  # the twin compiled, not the problem the user holds
+
+
+def test_simulate_compiles_once_per_problem(monkeypatch):
+    """Every simulate call binds a copy of the problem (Problem.to); the copies share its
+    compiled gradients, so two runs compile once; a changed buffer (traced in as a constant), a
+    new dtype or another problem compile again."""
+    compiled = []
+
+    def stand_in(graph, inputs):
+        compiled.append(inputs[0].dtype)
+        return graph
+
+    monkeypatch.setattr(torch._inductor, "compile", stand_in)
+    problem = build_problem("mlp", n=32, depth=1, width=8)
+    problem.model.register_buffer("offset", torch.zeros(()))
+    run = lambda p, **kw: fs.simulate(p, fs.GradientFlow(), RK("dopri5", rtol=1e-6, atol=1e-6, compile=True), t1=0.2, save_every=0.1, laws=[], progress=False, **kw)
+    first, second = run(problem), run(problem)
+    assert compiled == [torch.float64]
+    xr.testing.assert_identical(first.drop_vars("wall_time"), second.drop_vars("wall_time"))
+    run(problem, dtype=torch.float32)
+    assert compiled == [torch.float64, torch.float32]
+    problem.model.offset.fill_(1.0)
+    run(problem)
+    assert len(compiled) == 3
+    run(build_problem("mlp", n=32, depth=1, width=8))
+    assert len(compiled) == 4
 
 
 def test_compile_refuses_value_dependent_control_flow():
