@@ -5,6 +5,7 @@ warning. One test per case of the audit, then random models built from the same 
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
 
@@ -17,7 +18,10 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 import flowsim as fs
-from flowsim.laws import Law, gradient_check
+from flowsim.integrators import ODE
+from flowsim.laws import Law, LawSet, gradient_check
+
+from conftest import roundoff
 
 #: |⟨∇Q, ∇L⟩| / (|∇Q| |∇L|) of a law in float64: round-off gives ~1e-16, a false law ~1e-2
 TOL = 1e-10
@@ -330,7 +334,7 @@ def test_one_relu_reused_by_several_layers():
 
 # ------------------------------------------------------------------------ random models
 D = 3
-PARTS = ("linear", "relu", "norm", "residual", "train_only", "twice")
+PARTS = ("linear", "relu", "norm", "group", "residual", "cat", "train_only", "twice")
 
 
 class Residual(nn.Module):
@@ -340,6 +344,17 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.fc2(self.act(self.fc1(x)))
+
+
+class Cat(nn.Module):
+    """c(cat([act(a(x)), b(x)])): a rescale law through the concatenation."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.a, self.act, self.b, self.c = nn.Linear(D, D), act, nn.Linear(D, 2), nn.Linear(D + 2, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c(torch.cat([self.act(self.a(x)), self.b(x)], dim=-1))
 
 
 class TrainTanh(nn.Module):
@@ -370,7 +385,9 @@ class Composed(nn.Module):
             "linear": lambda: nn.Linear(D, D),
             "relu": act,
             "norm": lambda: nn.LayerNorm(D, eps=0.0),
+            "group": lambda: nn.GroupNorm(1, D, eps=0.0),
             "residual": lambda: Residual(act()),
+            "cat": lambda: Cat(act()),
             "train_only": TrainTanh,
             "twice": lambda: Twice(act()),
         }
@@ -386,8 +403,8 @@ class Composed(nn.Module):
 
 
 def tie(model: nn.Module, pairs: list[tuple[int, int]]) -> None:
-    """Give pairs of D×D Linears (or of LayerNorms) one weight, indices taken modulo their number."""
-    for kind in (nn.Linear, nn.LayerNorm):
+    """Give pairs of D×D Linears (or of LayerNorms, of GroupNorms) one weight, indices taken modulo their number."""
+    for kind in (nn.Linear, nn.LayerNorm, nn.GroupNorm):
         group = [m for m in model.modules() if isinstance(m, kind) and m.weight.shape[-1] == D and m.weight.shape[0] == D]
         for i, j in pairs:
             if len(group) > 1 and group[i % len(group)] is not group[j % len(group)]:
@@ -408,7 +425,7 @@ def composed(draw) -> tuple[nn.Module, bool]:
     torch.manual_seed(draw(st.integers(0, 2**16)))
     model = Composed(parts, shared=draw(st.booleans()))
     tie(model, draw(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), max_size=2)))
-    leaves = [m for m in model.modules() if not isinstance(m, (Composed, nn.ModuleList, Residual, Twice, TrainTanh))]
+    leaves = [m for m in model.modules() if not isinstance(m, (Composed, nn.ModuleList, Residual, Cat, Twice, TrainTanh))]
     for index, hook in draw(st.lists(st.tuples(st.integers(0, 99), st.sampled_from(sorted(HOOKS))), max_size=2)):
         HOOKS[hook](leaves[index % len(leaves)])
     evaluate = draw(st.booleans())
@@ -418,11 +435,84 @@ def composed(draw) -> tuple[nn.Module, bool]:
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(composed())
 def test_every_law_of_a_random_model_is_kept_by_the_flow(case):
-    """Linear, ReLU (shared or not), LayerNorm (eps = 0), residual adds, a train-only tanh, a
-    layer called twice, tied weights, hooks and instance forwards drawn at random: every detected
-    law is orthogonal to the gradient flowsim integrates, and the model keeps its mode."""
+    """Linear, ReLU (shared or not), LayerNorm and GroupNorm (eps = 0), residual adds, a
+    concatenation, a train-only tanh, a layer called twice, tied weights, hooks and instance
+    forwards drawn at random: every detected law is orthogonal to the gradient flowsim
+    integrates, and the model keeps its mode."""
     model, evaluate = case
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         checked(model, *vectors())
     assert model.training is not evaluate
+
+
+# ------------------------------------------------------------------------ drift under gradient flow
+RTOL, ATOL, T1 = 1e-10, 1e-12, 0.02
+
+
+def drift_and_bound(model: nn.Module, laws: list[Law]) -> tuple[Tensor, Tensor]:
+    """|Q(t1) − Q(0)| / scale of every component of `laws` under gradient flow (dopri5 at RTOL,
+    ATOL, float64), and the bound the integrator's tolerance allows it.
+
+    The exact flow keeps Q, so Q moves only by the error of each accepted step: Q(θ_k+1) −
+    Q(φ_h(θ_k)) = ∇Q·e_k + O(|e_k|²) (Q at most quadratic, its Hessian of norm ≤ 2). dopri5
+    accepts a step when the RMS over the P entries of e_i / (atol + rtol·|θ_i|) is ≤ 1, so
+    |e_k| ≤ √P (atol + rtol·|θ|_∞) (e_k as the solver estimates it, the gap to its 4th-order
+    embedded solution; the 5th-order one it keeps is closer to the flow); the update's
+    rounding adds ε|θ| per step. Along the run |θ(t) − θ(0)| ≤ ∫|θ'| ≤ √(t1 (L(0) − L(t1)))
+    (Cauchy–Schwarz, with dL/dt = −|θ'|²), which bounds |∇Q_c| by |∇Q_c(θ(0))| + 2·that and
+    |θ|_∞ by |θ(0)|_∞ + that. Over n accepted
+    steps: |ΔQ_c| ≤ n (G_c |e| + |e|²), plus the rounding of Q_c itself at both ends,
+    roundoff(terms of Q_c) × its magnitude. These bounds are near 1e-9 here, the drifts of the
+    detected laws below 1e-2 of them; a false law moves at the rate ⟨∇Q, ∇L⟩, by 1e-4 … 1e-3."""
+    X, y = vectors()
+    problem = fs.Problem(model, (X.double(), y))
+    integrator = ODE("dopri5", rtol=RTOL, atol=ATOL)
+    options = {"t1": T1, "save_every": T1, "laws": laws, "observe": ("loss", "params"), "progress": False}
+    ds = fs.simulate(problem, fs.GradientFlow(), integrator, **options)
+    assert ds.attrs["status"] == "completed", ds.attrs["status_message"]
+    theta0 = torch.as_tensor(ds.params.values[0])
+    theta1 = torch.as_tensor(ds.params.values[-1])
+    travel = math.sqrt(T1 * max(float(ds.loss[0] - ds.loss[-1]), 0.0))
+    law_set = LawSet(laws, problem.names, problem.shapes)
+    steps = int(ds.step[-1])
+    error = math.sqrt(problem.n_params) * (ATOL + RTOL * (float(theta0.abs().max()) + travel))
+    error += torch.finfo(torch.float64).eps * (float(theta0.norm()) + travel)
+    gradient = law_set.jacobian(theta0).norm(dim=1) + 2 * travel
+    terms = (law_set.jacobian(torch.ones_like(theta0)) != 0).sum(1)
+    magnitude = torch.maximum(law_set.magnitude(theta0), law_set.magnitude(theta1))
+    scale = torch.as_tensor(ds.scale.values).where(torch.as_tensor(ds.scale.values) > 0, torch.ones(()))
+    bound = (steps * (gradient * error + error**2) + 2 * roundoff(n_ops=terms) * magnitude) / scale
+    drift = torch.as_tensor(abs(ds.flowsim.drift()).isel(time=-1).values)
+    return drift, bound
+
+
+def test_the_drift_bound_catches_a_false_law():
+    """The bound is not vacuous: the MLP's first rescale law with its consumer's term left out
+    (|W1[j]|² + b1[j]², not a law) drifts far above it, its true laws below."""
+    model = mlp().double()
+    laws = fs.laws.detect(model, inputs=vectors()[0][:2].double())
+    rescale = laws[0]
+    false = Law(rescale.kind, "false", tuple(g[:-1] for g in rescale.groups), rescale.components)
+    drift, bound = drift_and_bound(model, [*laws, false])
+    true_part = sum(law.size for law in laws)
+    assert bool((drift[:true_part] <= bound[:true_part]).all()), (drift, bound)
+    assert bool((drift[true_part:] > 100 * bound[true_part:]).all()), (drift, bound)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(composed())
+def test_every_exact_law_of_a_random_model_is_conserved_by_gradient_flow(case):
+    """The same random models, integrated by gradient flow to t1 = 0.02 (dopri5, rtol 1e-10,
+    atol 1e-12, float64): every detected exact law drifts by no more than the integrator's
+    tolerance allows (``drift_and_bound``)."""
+    model, _ = case
+    model = model.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        laws = [law for law in fs.laws.detect(model, inputs=vectors()[0][:2].double()) if law.exact]
+    if not laws:
+        return
+    drift, bound = drift_and_bound(model, laws)
+    labels = [label for law in laws for label in law.labels()]
+    assert bool((drift <= bound).all()), [(label, float(d), float(b)) for label, d, b in zip(labels, drift, bound) if d > b]

@@ -53,7 +53,10 @@ most common one (the smallest of a tie), `counts` lists every one, the note says
 Laws marked inexact (normalisation eps > 0) are not laws of the model as given and are not
 counted in n_known. Every exact detected law is checked to be orthogonal to the fields: one
 that is not is named in a warning and the count is not complete. A model torch.fx cannot
-trace (so no law is detected) is counted with n_known = 0 and a note.
+trace (so no law is detected) is counted with n_known = 0 and a note. Where the count finds
+more laws than detected and detection found symmetries whose generator depends on θ (a shift
+that a layer's bias undoes, b → b − W·shift: their laws are no flowsim Law), the note names
+them.
 
 Evaluation by formulas forward-mode AD supports: LayerNorm and BatchNorm by
 (x − mean) / √(var + eps) · γ + β, not torch's fused kernels (their forward-mode derivative of
@@ -73,7 +76,6 @@ import copy
 import dataclasses
 import math
 import operator
-import sys
 import time
 import types
 import warnings
@@ -89,7 +91,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelError, bad_value, check_number, check_seed
 from ..problem import LOSSES, _flat_network
-from .detection import detect
+from .detection import detect, detect_with_hints
 from .law import Law, LawSet
 
 #: the most float64 numbers one dense matrix of the count may hold (160 MB)
@@ -485,9 +487,10 @@ def count(
     f.mode["explicit"] = bool(probe.used)  # type: ignore[attr-defined]
 
     notes: list[str] = []
+    hints: list[str] = []  # symmetries detection finds whose laws no flowsim Law expresses
     if laws is None:
         try:
-            laws = detect(model, loss=loss, inputs=inputs)
+            laws, hints = detect_with_hints(model, loss=loss, inputs=inputs)
         except ModelError as error:
             laws = []
             notes.append(f"no law detected ({error}); n_known = 0")
@@ -533,6 +536,11 @@ def count(
         notes.append(f"the bracket search was stopped by {stopped}: n_laws ≤ {n_laws} is an upper bound")
     if n_known is not None and n_known > n_laws:
         notes.append(f"the detected laws have rank {n_known} > {n_laws}: rtol is too loose for this model")
+    if hints and n_known is not None and n_laws > n_known:
+        notes.append(
+            "detection finds symmetries that depend on θ, whose laws (if any) no flowsim Law expresses and n_laws may "
+            "count: " + "; ".join(hints)
+        )
     for note in notes:
         warnings.warn(f"flowsim.laws.count: {note}", UserWarning, stacklevel=2)
     complete = agree and n_known == n_laws and not law_notes and not any(n.startswith("no law detected") for n in notes)
@@ -878,17 +886,12 @@ def count_blocks(
     dim = start
 
     notes: list[str] = []
-    # detection recurses along the graph: a deep model needs more than Python's default depth
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, min(20 * sum(1 for _ in model.modules()) + 2000, 50_000)))
     detected = True
     try:
         model_laws = [law for law in detect(model, loss=loss, inputs=inputs) if law.exact]
-    except (ModelError, RecursionError) as error:
+    except ModelError as error:
         model_laws, detected = [], False
         notes.append(f"no law of the whole model detected ({type(error).__name__}: {str(error)[:200]}): n_stream unknown")
-    finally:
-        sys.setrecursionlimit(limit)
 
     results: list[BlockCount] = []
     seen: dict[tuple, tuple[str, LawCount | None, list[Law], str]] = {}

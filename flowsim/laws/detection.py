@@ -3,8 +3,8 @@
 The graph is read, not the module names, so any module built from the same parts works.
 
 **Sources.** Every parametrised layer whose output has *units* is a source: a Linear or an
-Embedding (units on the last axis), a Conv with groups=1 or an affine BatchNorm (channels,
-axis 1), an affine LayerNorm (last axis), the output of an ``nn.MultiheadAttention``.
+Embedding (units on the last axis), a Conv with groups=1 or an affine BatchNorm or GroupNorm
+(channels, axis 1), an affine LayerNorm (last axis), the output of an ``nn.MultiheadAttention``.
 
 **The walk.** From each source the walk follows the source's output through the graph with a
 *unit map*: an integer tensor shaped like the value at that point, holding the source unit
@@ -17,8 +17,10 @@ symmetry being followed:
 - averaging or summing over axes that carry a single unit (sequence means, avg-pooling) and a
   product A @ v whose unit axis passes through (attention values) commute with mixing too; an
   A @ v product confines the mixing to the units of one slice (one head);
-- ReLU, leaky ReLU and max-pooling commute only with a positive scaling per unit.
-
+- ReLU, leaky ReLU and max-pooling commute only with a positive scaling per unit;
+- ``torch.cat`` puts the units beside other tensors' entries (unit −1), which the symmetry
+  leaves alone: from there only data movement, entrywise maps and layers may follow, and a
+  layer reads the units in the columns of their slot;
 - a residual add x + y of two tensors of one shape is a *merge*: the walk goes on past it
   (once per source) and records which operand it reached. Sources whose walks meet at adds
   are one residual stream's *writers*, the layers their walks reach its *readers*: where both
@@ -38,24 +40,34 @@ stops the walk: no law is made through it. The walk ends where the units are abs
   ``scaled_dot_product_attention``), each from its own source → **attention_qk** per head
   ([W_q|b_q][W_q|b_q]ᵀ − [W_k|b_k][W_k|b_k]ᵀ); the key bias, when the scores meet only a
   softmax over the keys, shifts every score of a query equally, so it is conserved itself
-  (a **translation** law);
-- a per-channel normalisation → **scale** per unit; a LayerNorm → a whole-layer scale law
-  (per unit when each normalised group holds one unit). eps > 0 breaks these at relative
-  order eps/Var: they are marked ``exact=False``;
+  (a **translation** law); so is the query bias under a softmax over the queries (dim −2).
+  A mask on the way must be filled with −∞ (a finite fill breaks the law);
+- a per-channel normalisation → **scale** per unit; a GroupNorm → **scale** per group; a
+  LayerNorm → a whole-layer scale law (per unit when each normalised group holds one unit).
+  eps > 0 breaks these at relative order eps/Var: they are marked ``exact=False``;
 - the model's output, when the loss is a softmax cross-entropy → **translation**: the logits
   can be shifted together, so each column sum Σ_k W[k, j] and Σ_k b[k] is conserved.
 
 **Shifts.** A second walk follows a *shift* of a value written by a parameter, through data
-movement, adds and identities, to the readers that ignore it: a LayerNorm ignores a shift
-constant over its normalised axes, a BatchNorm (training mode) or InstanceNorm one constant
-over the axes it averages, a softmax cross-entropy output one constant over the classes. A
-shift that every reader ignores conserves a **translation** law: each entry of a bias before
-a BatchNorm/InstanceNorm; the bias sum and each weight column's sum (Σ_j W[j, k]) of a Linear,
+movement, adds, identities and means over axes where it is the same, to the readers that
+ignore it: a LayerNorm ignores a shift constant over its normalised axes, a BatchNorm
+(training mode) or InstanceNorm one constant over the axes it averages, a GroupNorm one
+constant over each example's group, a softmax cross-entropy output one constant over the
+classes. A reader that ignores a shift constant over some units merges them into one *cell*.
+A shift that every reader ignores conserves a **translation** law, one component per cell:
+each entry of a bias before a BatchNorm/InstanceNorm, its sum over each group before a
+GroupNorm; the bias sum and each weight column's sum (Σ_j W[j, k]) of a Linear,
 each row sum of an Embedding or of a Parameter added to the stream (positions), in a stream
 read only by LayerNorms (a pre-norm transformer). Shifts of two writers that reach the same
 values, the same number of times and with the units in the same places, cancel: the
 difference of their bias sums (Σ b_o − Σ b_fc2 in a pre-norm block) or, per unit, of their
-biases (b_conv2[j] − b_shortcut[j] in a ResNet block) is conserved.
+biases (b_conv2[j] − b_shortcut[j] in a ResNet block) is conserved. A shift that only
+Linear layers (or attention input maps) read, apart from readers that ignore it, is undone by
+their biases (b → b − W·shift): a symmetry whose generator depends on θ, whose law (if any)
+is no Law of these forms; detection names it (``detect_with_hints``) and makes no law.
+
+Both walks use explicit stacks, not recursion: a stream through hundreds of residual blocks
+is longer than Python's recursion limit.
 
 **Unreached parameters.** A parameter of a module never called, or whose output never
 reaches the model's output, has zero gradient: each entry is a **translation** law (tensors
@@ -63,7 +75,10 @@ of at most two axes; none when a module of the graph is excluded, whose hook cou
 
 ``nn.MultiheadAttention`` is a leaf of the graph: its packed ``in_proj_weight`` is split into
 query, key and value thirds and each third into heads, which gives the same laws as the same
-attention written out with matmul and softmax.
+attention written out with matmul and softmax. ``nn.TransformerEncoderLayer`` and
+``nn.TransformerEncoder``, whose forward torch.fx cannot trace, are traced along the path
+that forward takes in training mode (``MATH_PATHS``), which is checked against the module's
+own output; called with a mask, or with a hook of their own, they stay leaves.
 
 **What flowsim refuses.** The graph is traced in training mode, as ``Problem`` runs the model
 (every module's mode is restored afterwards), so a ``self.training`` branch is seen as the flow
@@ -154,6 +169,7 @@ MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 MATMUL_METHODS = {"matmul", "bmm"}
 ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention}
 ADD_FUNCTIONS = {operator.add, torch.add}
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 ADD_METHODS = {"add"}
 SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
 #: users that read a tensor's shape, dtype or device, not its values
@@ -161,7 +177,7 @@ METADATA_METHODS = {"size", "dim", "ones_like", "zeros_like", "new_ones", "new_z
 METADATA_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like}
 METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
 #: leaf modules that hold no parameters and need no rule (anything else unknown stops the walk)
-UNDERSTOOD_LEAVES = (*LAYERS, _NormBase, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
+UNDERSTOOD_LEAVES = (*LAYERS, _NormBase, nn.GroupNorm, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
 
 
 class _Stop(Exception):
@@ -266,10 +282,84 @@ def _refuse_unseen(model: nn.Module) -> None:
         )
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
+def _encoder_layer_path(layer: nn.TransformerEncoderLayer, src: Tensor) -> Tensor:
+    """``nn.TransformerEncoderLayer.forward`` without masks, as torch runs it in training mode
+    (its fused fast path needs eval mode): torch's own ``_sa_block`` and ``_ff_block``, joined
+    as its forward joins them (pre-norm: x + sa(norm1(x)), then + ff(norm2(x)); post-norm:
+    norm1(x + sa(x)), then norm2(x + ff(x)))."""
+    if layer.norm_first:
+        x = src + layer._sa_block(layer.norm1(src), None, None, is_causal=False)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(src + layer._sa_block(src, None, None, is_causal=False))
+    return layer.norm2(x + layer._ff_block(x))
+
+
+def _encoder_path(encoder: nn.TransformerEncoder, src: Tensor) -> Tensor:
+    """``nn.TransformerEncoder.forward`` without masks in training mode: its layers in turn,
+    then its norm (no nested tensors: torch converts to them only in eval mode)."""
+    for layer in encoder.layers:
+        src = layer(src)
+    return src if encoder.norm is None else encoder.norm(src)
+
+
+#: torch modules whose forward torch.fx cannot trace (its fast-path checks branch on the
+#: input), traced by the path that forward takes in training mode, as Problem runs the model
+MATH_PATHS = {nn.TransformerEncoderLayer: _encoder_layer_path, nn.TransformerEncoder: _encoder_path}
+
+
+def _math_path(module: nn.Module, args: tuple, kwargs: dict):
+    """The path to trace `module` by (MATH_PATHS), or None: it must be exactly a torch class
+    of MATH_PATHS (a subclass may change its forward), have no hook or instance forward of its
+    own (its submodules' are dropped as any leaf's), and be called with its input alone (every
+    mask None, is_causal False or None). Otherwise it stays a leaf: no law through it."""
+    path = MATH_PATHS.get(type(module))
+    if path is None or _unseen(module) is not None or len(args) < 1:
+        return None
+    if any(a is not None and a is not False for a in (*args[1:], *kwargs.values())):
+        return None
+    return path
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, which follows the modules of MATH_PATHS along their training-mode
+    path (`substituted` names them); every other module as torch.fx does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.substituted: list[str] = []
+        self._through: set[int] = set()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) not in self._through and super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict):
+        path = _math_path(m, args, kwargs)
+        if path is None:
+            return super().call_module(m, forward, args, kwargs)
+        self.substituted.append(self.path_of_module(m))
+        self._through.add(id(m))
+        try:
+            return super().call_module(m, lambda src, *_, **__: path(m, src), args, kwargs)
+        finally:
+            self._through.discard(id(m))
+
+
+def _trace(model: nn.Module) -> tuple[torch.fx.GraphModule, list[str]]:
+    """The model's torch.fx graph, and the modules traced along their training-mode path
+    (MATH_PATHS; "" for the model itself)."""
+    tracer = _Tracer()
+    root = model
+    path = _math_path(model, (None,), {})
+    if path is not None:
+        # the model itself: its class's forward is what torch.fx traces, so trace a shell of
+        # the same module whose class has that path as its forward
+        root = copy.copy(model)
+        root.__class__ = type(type(model).__name__, (type(model),), {"forward": lambda self, src: path(self, src)})
     try:
         with _refuse_custom_functions():
-            return torch.fx.symbolic_trace(model)
+            graph = tracer.trace(root)
+        substituted = tracer.substituted + ([""] if path is not None else [])
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__), substituted
     except ModelError:
         raise
     except Exception as exc:
@@ -351,15 +441,50 @@ def _guessed_inputs(gm: torch.fx.GraphModule) -> Iterator[Tensor]:
             yield from (torch.zeros(2, first.num_features, *(s,) * dims) for s in sizes)
 
 
-def _shapes(gm: torch.fx.GraphModule, inputs: Tensor | None) -> dict[str, torch.Size]:
+def _shapes(gm: torch.fx.GraphModule, inputs: Tensor | None) -> tuple[dict[str, torch.Size], Tensor]:
+    """The shape of every node's value, and the inputs that gave them."""
     if inputs is not None:
         if not isinstance(inputs, Tensor) or inputs.ndim < 1:
             raise ModelError(f"inputs: got {type(inputs).__name__}; expected a tensor of example inputs, batch first")
-        return _run_for_shapes(gm, inputs[:2])
+        return _run_for_shapes(gm, inputs[:2]), inputs[:2]
     for guess in _guessed_inputs(gm):
         with contextlib.suppress(ModelError):
-            return _run_for_shapes(gm, guess)
+            return _run_for_shapes(gm, guess), guess
     raise ModelError("model: flowsim could not guess the shape of its inputs; pass inputs= (a few examples)")
+
+
+def _check_paths(model: nn.Module, gm: torch.fx.GraphModule, example: Tensor, substituted: list[str]) -> None:
+    """ModelError unless the graph, with modules traced along their training-mode path
+    (MATH_PATHS), computes what the model computes: float64 CPU copies of both on `example`
+    (plus noise, for float inputs), in the current (training) mode, from one random state. The same
+    ops in the same order agree to round-off; another path (a torch whose forward differs)
+    differs at order one."""
+    x = example.detach().cpu()
+    if x.is_floating_point():
+        x = x.double() + torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    outputs = []
+    for function in (model, gm):
+        found: list[Tensor] = []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                out = copy.deepcopy(function).to("cpu", torch.float64)(x)
+        except Exception as exc:  # the user's model: any failure is a ModelError
+            raise ModelError(
+                f"model: a float64 copy fails on inputs of shape {tuple(x.shape)} ({type(exc).__name__}: {exc})"
+            ) from exc
+        torch.fx.node.map_aggregate(out, lambda v: found.append(v) if isinstance(v, Tensor) else None)
+        outputs.append(found)
+    (want, got) = outputs
+    scale = max((float(w.abs().max()) for w in want if w.numel()), default=0.0)
+    # 1e-9: far above float64 round-off of a different summation order, far below a different function
+    apart = [w.shape != g.shape or (w.numel() and float((w - g).abs().max()) > 1e-9 * scale) for w, g in zip(want, got)]
+    if len(want) != len(got) or any(apart):
+        raise ModelError(
+            f"model: flowsim traces {', '.join(n or type(model).__name__ for n in substituted)} by the path torch's "
+            "forward takes in training mode, but the traced graph does not compute what the model does (another torch "
+            "version?); no law can be trusted"
+        )
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -399,6 +524,8 @@ def _source(node: torch.fx.Node, module: nn.Module) -> _Source | None:
         units, axis, general = module.out_channels, 1, True
     elif isinstance(module, _NormBase) and module.affine:
         units, axis, general = module.num_features, 1, False
+    elif isinstance(module, nn.GroupNorm) and module.affine:
+        units, axis, general = module.num_channels, 1, False
     elif isinstance(module, nn.LayerNorm) and module.elementwise_affine and len(module.normalized_shape) == 1:
         units, axis, general = module.normalized_shape[0], -1, False
     elif isinstance(module, nn.Embedding) and module.max_norm is None:
@@ -423,12 +550,23 @@ def _attention_output_source(node: torch.fx.Node, module: nn.MultiheadAttention)
 class _Flow:
     """A source's units at one node: `units` (shaped like the value) is the unit of each entry;
     `blocks` (n_units,) says which units may mix; `general` is False once a positively
-    homogeneous nonlinearity was crossed; `mixed` once an attention product A @ v was."""
+    homogeneous nonlinearity was crossed; `mixed` once an attention product A @ v was;
+    `partial` once a torch.cat put other entries (unit −1, untouched by the symmetry) beside
+    the units: from there only data movement, entrywise maps and layers may follow."""
 
     units: Tensor
     blocks: Tensor
     general: bool = True
     mixed: bool = False
+    partial: bool = False  # a torch.cat put entries of other tensors beside the units (unit −1)
+
+
+@dataclass(frozen=True)
+class _Next:
+    """The walk goes on from `node`, its units mapped by `flow`."""
+
+    node: torch.fx.Node
+    flow: _Flow
 
 
 @dataclass(frozen=True)
@@ -444,8 +582,11 @@ class _Layer:
 
 @dataclass(frozen=True)
 class _Norm:
+    """The units reach a normalisation: each row of `rows` (R, k) holds units that it
+    normalises together, so a positive scale they share is undone."""
+
     node: torch.fx.Node
-    per_unit: bool
+    rows: Tensor
     eps: float
     flow: _Flow
 
@@ -477,7 +618,13 @@ class _Contract:
 
 
 def _constant_along(units: Tensor, dims: tuple[int, ...]) -> bool:
-    return bool((units.amax(dim=dims) == units.amin(dim=dims)).all()) if dims else True
+    """Whether `units` is the same along every axis of `dims`."""
+    if units.numel() == 0:
+        return True
+    first = units
+    for dim in dims:
+        first = first.narrow(dim, 0, 1)
+    return torch.equal(units, first.expand_as(units))
 
 
 def _refine(blocks: Tensor, slices: Tensor) -> Tensor:
@@ -497,12 +644,17 @@ class _Graph:
     def __init__(self, model: nn.Module, inputs: Tensor | None) -> None:
         _refuse_unseen(model)
         with _training(model):
-            self.gm = _trace(model)
+            self.gm, substituted = _trace(model)
             self.modules = dict(self.gm.named_modules())
-            self.shape_of = _shapes(self.gm, inputs)
+            self.shape_of, example = _shapes(self.gm, inputs)
+            if substituted:
+                _check_paths(model, self.gm, example, substituted)
         self.excluded = self._excluded_modules()
         self.exposed = self._exposed_parameters(model)
         self.merged: set[torch.fx.Node] = set()  # the adds one source's walk has gone past
+        self._value_users: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        self._containers: dict[torch.fx.Node, bool] = {}
+        self._columns: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ graph facts
     def module(self, node: torch.fx.Node) -> nn.Module | None:
@@ -543,6 +695,20 @@ class _Graph:
         return exposed
 
     def value_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        """The users of `node` that read its values (not only its shape, dtype or device)."""
+        found = self._value_users.get(node)
+        if found is None:
+            found = self._value_users[node] = self._read_values(node)
+        return found
+
+    def nested(self, node: torch.fx.Node, user: torch.fx.Node) -> bool:
+        """Whether `user` takes `node` inside a list, tuple, dict or slice argument."""
+        if user not in self._containers:
+            self._containers[user] = any(isinstance(a, (list, tuple, dict, slice)) for a in (*user.args, *user.kwargs.values()))
+        return self._containers[user] and _nested(node, user)
+
+    @staticmethod
+    def _read_values(node: torch.fx.Node) -> list[torch.fx.Node]:
         def metadata(user: torch.fx.Node) -> bool:
             if user.op == "call_method":
                 return user.target in METADATA_METHODS
@@ -556,22 +722,34 @@ class _Graph:
 
     # ------------------------------------------------------------------ the walk
     def walk(self, node: torch.fx.Node, flow: _Flow) -> list:
-        """Every end that `node`'s units reach (raises _Stop if one of them breaks the symmetry)."""
-        users = self.value_users(node)
-        if not users:
-            raise _Stop(f"{node.name} is not used")
-        ends = []
-        for user in users:
-            ends += self.follow(node, user, flow)
+        """Every end that `node`'s units reach, depth first in the order of the users (raises
+        _Stop if one of them breaks the symmetry). An explicit stack, not recursion: a path
+        through hundreds of residual blocks is longer than Python's recursion limit. Each
+        ``follow`` returns ends and the nodes to go on from (_Next)."""
+        ends: list = []
+        stack: list = [_Next(node, flow)]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, _Next):
+                users = self.value_users(item.node)
+                if not users:
+                    raise _Stop(f"{item.node.name} is not used")
+                stack.extend((item.node, user, item.flow) for user in reversed(users))
+            elif isinstance(item, tuple):
+                stack.extend(reversed(self.follow(*item)))
+            else:
+                ends.append(item)
         return ends
 
     def follow(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow) -> list:
         if user.op == "output":
-            if user.args[0] is not node:
+            if user.args[0] is not node or flow.partial:
                 raise _Stop("part of a structured output")
             return [_Output(flow)]
+        if user.op == "call_function" and user.target in CAT_FUNCTIONS:
+            return self.concatenated(node, user, flow)
         positions = [i for i, a in enumerate(user.args) if a is node] + [k for k, a in user.kwargs.items() if a is node]
-        if _nested(node, user):
+        if self.nested(node, user):
             raise _Stop(f"{user.name} takes {node.name} inside a container")
         module = self.module(user)
         if module is not None:
@@ -581,19 +759,21 @@ class _Graph:
         target = user.target
         method = user.op == "call_method"
         if positions == [0] and (target in POSITIVE_METHODS if method else target in POSITIVE_FUNCTIONS):
-            return self.walk(user, replace(flow, general=False))
+            return [_Next(user, replace(flow, general=False))]
         if positions == [0] and (target in MOVE_METHODS if method else target in MOVE_FUNCTIONS or _is_move_attribute(user)):
-            return self.walk(user, replace(flow, units=self.moved(node, user, flow.units)))
+            return [_Next(user, replace(flow, units=self.moved(node, user, flow.units)))]
         if positions == [0] and (target in RESHAPE_METHODS if method else target in RESHAPE_FUNCTIONS):
-            return self.walk(user, replace(flow, units=flow.units.reshape(self.shape(user))))
+            return [_Next(user, replace(flow, units=flow.units.reshape(self.shape(user))))]
         if not method and target is operator.getitem and positions == [0]:
-            return self.walk(user, replace(flow, units=self.indexed(user, flow)))
+            return [_Next(user, replace(flow, units=self.indexed(user, flow)))]
         if (target in SCALAR_METHODS if method else target in SCALAR_FUNCTIONS) and _by_a_number(user, positions):
-            return self.walk(user, flow)
+            return [_Next(user, flow)]
         if (target in REDUCE_METHODS if method else target in REDUCE_FUNCTIONS) and positions == [0]:
-            return self.walk(user, replace(flow, units=self.reduced(user, flow.units)))
+            return [_Next(user, replace(flow, units=self.reduced(user, flow.units)))]
         if not method and target in POOL_FUNCTIONS and positions == [0]:
             return self.pooled(user, flow, *POOL_FUNCTIONS[target])
+        if flow.partial:
+            raise _Stop(f"{user.name} ({target}) mixes the units with entries of other tensors")
         if (target in MATMUL_METHODS if method else target in MATMUL_FUNCTIONS) and positions in ([0], [1]):
             return self.product(node, user, flow, positions[0])
         if not method and target in ATTENTION_FUNCTIONS:
@@ -605,6 +785,9 @@ class _Graph:
     def follow_module(self, node, user, module: nn.Module, flow: _Flow, positions: list) -> list:
         if user.target in self.excluded:
             raise _Stop(f"{user.target}: {self.excluded[user.target]}")
+        entrywise = (*LAYERS, *POSITIVE_MODULES, nn.Identity, nn.Dropout, nn.Flatten, *POOL_MODULES)
+        if flow.partial and not isinstance(module, entrywise):
+            raise _Stop(f"{user.target}: mixes the units with entries of other tensors")
         if isinstance(module, nn.MultiheadAttention):
             return [self.attention_input(user, module, flow, positions)]
         if positions != [0] or len(user.args) != 1 or user.kwargs:
@@ -617,16 +800,21 @@ class _Graph:
             channels = flow.units.movedim(1, -1).reshape(-1, flow.units.shape[1])
             if not _constant_along(channels, (0,)) or sorted(channels[0].tolist()) != list(range(len(flow.blocks))):
                 raise _Stop("a normalised channel is not one unit")
-            return [_Norm(user, True, float(module.eps), flow)]
+            return [_Norm(user, channels[0].reshape(-1, 1), float(module.eps), flow)]
         if isinstance(module, nn.LayerNorm):
-            normalised = tuple(range(-len(module.normalized_shape), 0))
-            return [_Norm(user, _constant_along(flow.units, normalised), float(module.eps), flow)]
+            k = math.prod(module.normalized_shape)
+            return [_Norm(user, flow.units.reshape(-1, k), float(module.eps), flow)]
+        if isinstance(module, nn.GroupNorm):
+            units = flow.units
+            if units.ndim < 2 or units.shape[1] != module.num_channels:
+                raise _Stop(f"{user.name}: the channels are not on axis 1")
+            return [_Norm(user, units.reshape(units.shape[0] * module.num_groups, -1), float(module.eps), flow)]
         if isinstance(module, POSITIVE_MODULES):
-            return self.walk(user, replace(flow, general=False))
+            return [_Next(user, replace(flow, general=False))]
         if isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0):
-            return self.walk(user, flow)
+            return [_Next(user, flow)]
         if isinstance(module, nn.Flatten):
-            return self.walk(user, replace(flow, units=flow.units.reshape(self.shape(user))))
+            return [_Next(user, replace(flow, units=flow.units.reshape(self.shape(user))))]
         if type(module) in POOL_MODULES:
             return self.pooled(user, flow, *POOL_MODULES[type(module)])
         raise _Stop(f"{user.target} ({type(module).__name__}) does not commute with the symmetry")
@@ -643,7 +831,23 @@ class _Graph:
         if user in self.merged:
             return [end]
         self.merged.add(user)
-        return [end, *self.walk(user, flow)]
+        return [end, _Next(user, flow)]
+
+    def concatenated(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow) -> list:
+        """torch.cat([..., x, ...], dim): the units in x's slots (x may be there more than
+        once), the other tensors' entries in theirs with unit −1 (`partial`)."""
+        tensors = user.args[0] if user.args else user.kwargs.get("tensors")
+        dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0)
+        others = [*user.args[2:], *(v for k, v in user.kwargs.items() if k not in ("tensors", "dim"))]
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or others:
+            raise _Stop(f"{user.name}: a cat with options")
+        if any(not isinstance(t, torch.fx.Node) for t in tensors):
+            raise _Stop(f"{user.name}: a cat of something else than tensors")
+        parts = [flow.units if t is node else torch.full(self.shape(t), -1, dtype=flow.units.dtype) for t in tensors]
+        units = torch.cat(parts, dim)
+        if units.shape != self.shape(user):
+            raise _Stop(f"{user.name}: unexpected shape")
+        return [_Next(user, replace(flow, units=units, partial=flow.partial or any(t is not node for t in tensors)))]
 
     # ------------------------------------------------------------------ unit maps through ops
     def moved(self, node: torch.fx.Node, user: torch.fx.Node, units: Tensor) -> Tensor:
@@ -666,7 +870,7 @@ class _Graph:
         ):
             raise _Stop(f"{user.name}: indexing by a traced value")
         units = flow.units[index]
-        if units.shape != self.shape(user) or set(units.unique().tolist()) != set(range(len(flow.blocks))):
+        if units.shape != self.shape(user) or set(units.unique().tolist()) - {-1} != set(range(len(flow.blocks))):
             raise _Stop(f"{user.name}: indexing drops units")
         return units
 
@@ -689,7 +893,7 @@ class _Graph:
             raise _Stop(f"{user.name}: pools over units")
         shape = self.shape(user)
         units = flow.units[(..., *(0,) * pooled)].reshape(*flow.units.shape[:-pooled], *(1,) * pooled).expand(shape)
-        return self.walk(user, replace(flow, units=units, general=flow.general and linear))
+        return [_Next(user, replace(flow, units=units, general=flow.general and linear))]
 
     def product(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow, position: int) -> list:
         """A matmul with `node` as its left (0) or right (1) operand."""
@@ -711,7 +915,7 @@ class _Graph:
         if along_passed or length[passed] == 1 < length[contracted]:
             kept = units.narrow(contracted, 0, 1)
             blocks = _refine(flow.blocks, kept.movedim(passed, -1))
-            return self.walk(user, replace(flow, units=torch.broadcast_to(kept, out), blocks=blocks, mixed=True))
+            return [_Next(user, replace(flow, units=torch.broadcast_to(kept, out), blocks=blocks, mixed=True))]
         raise _Stop(f"{user.name}: units on neither multiplied axis")
 
     def attention(self, node: torch.fx.Node, user: torch.fx.Node, flow: _Flow, positions: list) -> list:
@@ -729,16 +933,20 @@ class _Graph:
             return [_Contract(user, slots[0], units.select(-2, 0), flow)]
         kept = units.narrow(-2, 0, 1)
         blocks = _refine(flow.blocks, kept)
-        return self.walk(user, replace(flow, units=torch.broadcast_to(kept, self.shape(user)), blocks=blocks, mixed=True))
+        return [_Next(user, replace(flow, units=torch.broadcast_to(kept, self.shape(user)), blocks=blocks, mixed=True))]
 
     # ------------------------------------------------------------------ consumers
     def layer_input(self, user: torch.fx.Node, module: nn.Module, flow: _Flow) -> _Layer:
         units = flow.units
         axis = -1 if isinstance(module, nn.Linear) else 1
-        moved = units.movedim(axis, -1).reshape(-1, units.shape[axis])
-        if not _constant_along(moved, (0,)):
+        key = (id(units), axis)  # one unit map reaches many layers along a residual stream
+        if key not in self._columns:
+            moved = units.movedim(axis, -1).reshape(-1, units.shape[axis])
+            self._columns[key] = (units, moved[0] if _constant_along(moved, (0,)) else None)  # units kept: its id stays its own
+        columns = self._columns[key][1]
+        if columns is None:
             raise _Stop(f"{user.name}: the units change along a non-feature axis")
-        return _Layer(user, _prefixed(user.target, "weight"), moved[0], None, flow)
+        return _Layer(user, _prefixed(user.target, "weight"), columns, None, flow)
 
     def attention_input(self, user: torch.fx.Node, module: nn.MultiheadAttention, flow: _Flow, positions: list) -> _Layer:
         names = ("query", "key", "value")
@@ -763,7 +971,7 @@ class _Graph:
 
 
 def _nested(node: torch.fx.Node, user: torch.fx.Node) -> bool:
-    """Whether `user` takes `node` inside a list, tuple or dict argument."""
+    """Whether `user` takes `node` inside a list, tuple, dict or slice argument."""
     found = []
     torch.fx.node.map_arg((user.args, user.kwargs), lambda n: found.append(n) or n)
     direct = sum(a is node for a in user.args) + sum(a is node for a in user.kwargs.values())
@@ -815,7 +1023,7 @@ def _ranges(blocks: Tensor) -> list[tuple[int, int]]:
 
 def _pair_law(source: _Source, ends: list[_Layer]) -> list[Law]:
     """rescale, and where the paths are linear the matrix law (linear / attention_vo)."""
-    site = "|".join([source.name] + [e.node.target for e in ends])
+    site = "|".join(dict.fromkeys([source.name] + [e.node.target for e in ends]))
     unit = "channel" if source.axis == 1 else "unit"
     terms = source.terms("sq") + tuple(_column_terms(e, 0, source.units, "sq") for e in ends)
     laws = [Law("rescale", site, (terms,), tuple(f"{unit} {j}" for j in range(source.units)))]
@@ -857,33 +1065,47 @@ def _qk_law(query: _Source, q: _Contract, key: _Source, k: _Contract) -> Law:
     return Law("attention_qk", f"{query.name}|{key.name}", tuple(groups), tuple(components))
 
 
-def _key_bias_law(graph: _Graph, key: _Source, contraction: torch.fx.Node) -> Law | None:
-    """The key bias shifts every score of a query by the same amount: conserved when the
-    scores meet only a softmax over the keys."""
-    bias = [(p, a) for p, a in key.tensors if p.endswith("bias")]
-    if not bias or not _softmax_over_keys(graph, contraction):
+def _bias_law(graph: _Graph, query: _Source, key: _Source, contraction: torch.fx.Node) -> tuple[_Source, Law] | None:
+    """Scores q_i·k_j: the key bias adds b_k·q_i, the same for every key j, and the query
+    bias b_q·k_j, the same for every query i. A softmax over the keys (the last axis) ignores
+    the first, one over the queries (the axis before) the second: that bias is conserved,
+    entry by entry, when the scores meet only that softmax."""
+    axis = _softmax_axis(graph, contraction)
+    source = {-1: key, -2: query}.get(axis)
+    if source is None:
         return None
-    param = bias[0][0]
-    return Law("translation", key.name, ((Term(param, "sum", axis=0, units=key.units),),), tuple(f"bias {j}" for j in range(key.units)))
+    bias = [p for p, _ in source.tensors if p.endswith("bias")]
+    if not bias:
+        return None
+    components = tuple(f"bias {j}" for j in range(source.units))
+    law = Law("translation", source.name, ((Term(bias[0], "sum", axis=0, units=source.units),),), components)
+    return source, law
 
 
-def _softmax_over_keys(graph: _Graph, node: torch.fx.Node) -> bool:
+def _softmax_axis(graph: _Graph, node: torch.fx.Node) -> int | None:
+    """−1 or −2: the scores `node` meet only a softmax over that axis (through
+    multiplications by a number and masked_fill with −∞), or None."""
     if node.op == "call_function" and node.target in ATTENTION_FUNCTIONS:
-        return True
+        return -1
     users = graph.value_users(node)
     if len(users) != 1:
-        return False
+        return None
     user = users[0]
     target = user.target
     if user.op == "call_method" and target == "softmax" or user.op == "call_function" and target in SOFTMAX_FUNCTIONS:
         dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
-        return dim is not None and dim % len(graph.shape(node)) == len(graph.shape(node)) - 1
+        ndim = len(graph.shape(node))
+        return dim % ndim - ndim if isinstance(dim, int) and ndim >= 2 and dim % ndim >= ndim - 2 else None
     positions = [i for i, a in enumerate(user.args) if a is node]
     if target in SCALAR_FUNCTIONS | SCALAR_METHODS and _by_a_number(user, positions):
-        return _softmax_over_keys(graph, user)
-    if user.op == "call_method" and target == "masked_fill" and positions == [0] and isinstance(user.args[2], (int, float)):
-        return _softmax_over_keys(graph, user)
-    return False
+        return _softmax_axis(graph, user)
+    # a masked entry stays at weight 0 whatever the shift where its fill is −∞ (or below −1e30,
+    # as torch.finfo(float32 or float64).min: exp underflows to 0); a finite fill would not
+    fill = user.args[2] if len(user.args) > 2 else user.kwargs.get("value")
+    masked = user.op == "call_method" and target == "masked_fill" and positions == [0]
+    if masked and isinstance(fill, (int, float)) and fill <= -1e30:
+        return _softmax_axis(graph, user)
+    return None
 
 
 def _attention_module_laws(name: str, module: nn.MultiheadAttention, trainable: set[str]) -> list[Law]:
@@ -949,13 +1171,23 @@ def _law_from_ends(source: _Source, ends: list, loss: str, graph: _Graph) -> lis
     if kinds == {_Layer}:
         return _pair_law(source, ends)
     if kinds == {_Norm}:
+        # a positive scale shared by the units each normalisation normalises together
         eps = max(e.eps for e in ends)
         unit = "channel" if source.axis == 1 else "unit"
-        if all(e.per_unit for e in ends):
+        cells = _Cells(source.units)
+        for e in ends:
+            cells.merge(e.rows)
+        labels = cells.labels()
+        groups = int(labels.max()) + 1
+        if groups == source.units:
             components = tuple(f"{unit} {j}" for j in range(source.units))
             return [Law("scale", source.name, (source.terms("sq"),), components, exact=eps == 0, eps=eps)]
-        whole = tuple(Term(param, "sq", axis=axis, units=1) for param, axis in source.tensors)
-        return [Law("scale", source.name, (whole,), ("layer",), exact=eps == 0, eps=eps)]
+        stride = 0 if _blocks(labels) is not None else 1 if torch.equal(labels, torch.arange(source.units) % groups) else None
+        if groups == 1 or stride is None:
+            whole = tuple(Term(param, "sq", axis=axis, units=1) for param, axis in source.tensors)
+            return [Law("scale", source.name, (whole,), ("layer",), exact=eps == 0, eps=eps)]
+        terms = tuple(Term(param, "sq", axis=axis, units=groups, stride=stride or None) for param, axis in source.tensors)
+        return [Law("scale", source.name, (terms,), tuple(f"group {g}" for g in range(groups)), exact=eps == 0, eps=eps)]
     return []
 
 
@@ -1032,83 +1264,217 @@ def _stream_group_laws(walks: list[tuple[_Source, list]]) -> list[tuple[_Source,
 
 
 # ------------------------------------------------------------------------------------ shifts
-#: a shift pattern: "unit" (a number per unit), "uniform" (one number), "position" (a number
-#: per position, the same for every unit: what a shift of a weight's column makes)
+class _Cells:
+    """A partition of a writer's units, coarsened by merges (union–find): the units that a
+    reader needs shifted (or scaled) alike. A LayerNorm merges the units it normalises
+    together, a GroupNorm those of one group, a softmax cross-entropy every logit."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def _root(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def merge(self, rows: Tensor) -> None:
+        """Put the units of each row of `rows` (…, k) in one cell."""
+        for row in torch.unique(rows.reshape(-1, rows.shape[-1]), dim=0).tolist():
+            first = self._root(row[0])
+            for unit in row[1:]:
+                root = self._root(unit)
+                if root != first:
+                    self.parent[root] = first
+
+    def labels(self) -> Tensor:
+        """The cell of each unit, cells numbered in the order of their first unit."""
+        number: dict[int, int] = {}
+        return torch.tensor([number.setdefault(self._root(i), len(number)) for i in range(len(self.parent))])
+
+
+def _blocks(labels: Tensor) -> list[tuple[int, int]] | None:
+    """The cells as consecutive ranges of units of one size, in order (None if they are not)."""
+    n, cells = len(labels), int(labels.max()) + 1
+    if n % cells or not torch.equal(labels, torch.arange(n) // (n // cells)):
+        return None
+    return [(g * (n // cells), (g + 1) * (n // cells)) for g in range(cells)]
+
+
+@dataclass(frozen=True)
+class _Shift:
+    """A shift that a parameter `param` makes of the value its writer node computes. `ids`
+    (shaped like that value) says where each entry's shift comes from:
+
+    - "unit": entry j of a 1-D `param` (a bias) shifts unit j: ids = the unit (of `units`);
+    - "uniform": every entry of a 1-D `param` by one number: ids = 0;
+    - "position": a slice of a 2-D `param` along its axis `keep` (a Linear weight's column, an
+      Embedding's row), shifted by a number per unit, shifts every unit at each position by
+      a number of that position: ids = position · `units` + unit.
+
+    `count` is the number of slices along `keep`; `label` names the components."""
+
+    pattern: str
+    ids: Tensor
+    param: str
+    units: int
+    label: str
+    keep: int = 0
+    count: int = 1
+
+    def term(self) -> Term:
+        """The sum a "unit" (per unit) or "uniform" (of every entry) shift conserves."""
+        return Term(self.param, "sum", units=self.units if self.pattern == "unit" else 1)
+
+    def law(self, name: str, labels: Tensor) -> Law | None:
+        """The translation law of the shift constant on each cell of units (`labels`), or None
+        where the cells make no term: a "unit" shift needs consecutive blocks or an
+        interleaving (unit j in cell j mod G) and gives one sum per cell; a "position" shift
+        gives one sum per slice and cell where the cells are consecutive blocks, else the
+        coarser law of one cell."""
+        n, cells = self.units, int(labels.max()) + 1
+        if self.pattern == "unit":
+            if cells == n:
+                term, components = self.term(), (self.label,) if n == 1 else tuple(f"{self.label} {j}" for j in range(n))
+            elif _blocks(labels) is not None or torch.equal(labels, torch.arange(n) % cells):
+                term = Term(self.param, "sum", units=cells, stride=None if _blocks(labels) is not None else 1)
+                components = tuple(f"{self.label} group {g}" for g in range(cells))
+            else:
+                return None
+            return Law("translation", name, ((term,),), components)
+        ranges = _blocks(labels)
+        if ranges is None:
+            return self.law(name, torch.zeros_like(labels)) if cells > 1 else None
+        groups = tuple(
+            (Term(self.param, "sum", axis=self.keep, units=self.count, part=None if cells == 1 else (1 - self.keep, a, b)),)
+            for a, b in ranges
+        )
+        prefix = [""] if cells == 1 else [f"group {g} " for g in range(cells)]
+        components = tuple(f"{p}{self.label} {j}" for p in prefix for j in range(self.count))
+        return Law("translation", name, groups, components)
 
 
 class _Shifts:
     """A shift of a source's output, followed through adds and data movement to the
     normalisations that absorb it (a normalisation subtracts its mean) or to a value where
-    it must cancel against other writers' shifts (`blocked`)."""
+    it must cancel against other writers' shifts (`blocked`). A reader that ignores a shift
+    constant over some units merges them in `cells`: the law is then one per cell (for a
+    "position" shift, `width` units per position: merging two positions is a block); the
+    values where a merge was needed are `merged` (without merging they would be blocked)."""
 
-    def __init__(self, graph: _Graph, loss: str) -> None:
-        self.graph, self.loss = graph, loss
+    def __init__(self, graph: _Graph, loss: str, cells: _Cells, width: int | None = None) -> None:
+        self.graph, self.loss, self.cells, self.width = graph, loss, cells, width
         self.blocked: list[tuple[torch.fx.Node, Tensor]] = []  # (value node, its shift map), per arrival
-        self.visits = 0
+        self.merged: list[tuple[torch.fx.Node, Tensor]] = []
+        # (value, user, shift map there) for each user that does not ignore it (the output too)
+        self.readers: list[tuple[torch.fx.Node, torch.fx.Node, Tensor]] = []
+        self.visits, self.limit = 0, max(2000, 4 * len(graph.gm.graph.nodes))
+        self._merging = False
+
+    def absorbed(self, ids: Tensor, dims: tuple[int, ...]) -> bool:
+        """Whether a reader that ignores a shift constant along `dims` ignores this one."""
+        dims = tuple(d % ids.ndim for d in dims)
+        if _constant_along(ids, dims):
+            return True
+        rows = ids.movedim(dims, tuple(range(ids.ndim - len(dims), ids.ndim))).reshape(-1, math.prod(ids.shape[d] for d in dims))
+        if self.width is not None:
+            if not _constant_along(rows // self.width, (1,)):
+                return False
+            rows = rows % self.width
+        self.cells.merge(rows)
+        self._merging = True
+        return True
+
+    def constant_mean(self, user: torch.fx.Node, ids: Tensor) -> bool:
+        """Whether `user`, a mean, averages over given axes along which the shift is the same."""
+        dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        if dim is None:
+            return False
+        dims = tuple(d % ids.ndim for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
+        return _constant_along(ids, dims)
 
     def walk(self, node: torch.fx.Node, ids: Tensor) -> None:
+        """Follow the shift from `node` (by an explicit stack: paths through hundreds of
+        residual blocks are longer than Python's recursion limit)."""
+        stack = [(node, ids)]
+        while stack:
+            stack.extend(self.step(*stack.pop()))
+
+    def step(self, node: torch.fx.Node, ids: Tensor) -> list[tuple[torch.fx.Node, Tensor]]:
+        """The readers of `node`'s shift `ids`: records a block, returns the values it goes on to."""
         graph = self.graph
         self.visits += 1
-        if self.visits > 2000:
+        if self.visits > self.limit:
             raise _Stop("too many paths")
+        going: list[tuple[torch.fx.Node, Tensor]] = []
         users = graph.value_users(node)
         if not users:
             raise _Stop(f"{node.name} is not used")
-        blocked = False
+        blocked, self._merging = False, False
         for user in users:
+            ignored = True  # by this user: it goes on, or absorbs the shift
             if user.op == "output":
                 if user.args[0] is not node:
                     raise _Stop("part of a structured output")
                 # a softmax cross-entropy ignores a shift of all the logits of an example
-                blocked |= not (self.loss == "cross_entropy" and ids.ndim == 2 and _constant_along(ids, (1,)))
-                continue
-            if _nested(node, user):
+                ignored = self.loss == "cross_entropy" and ids.ndim == 2 and self.absorbed(ids, (1,))
+            elif graph.nested(node, user):
                 raise _Stop(f"{user.name} takes {node.name} inside a container")
-            positions = [i for i, a in enumerate(user.args) if a is node] + [k for k, a in user.kwargs.items() if a is node]
-            module = graph.module(user)
-            if module is not None:
+            elif (module := graph.module(user)) is not None:
+                positions = [i for i, a in enumerate(user.args) if a is node] + [k for k, a in user.kwargs.items() if a is node]
                 if user.target in graph.excluded:
                     raise _Stop(f"{user.target}: {graph.excluded[user.target]}")
                 if positions != [0] or len(user.args) != 1 or user.kwargs:
-                    blocked = True
+                    ignored = False
                 elif isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0):
-                    self.walk(user, ids)
+                    going.append((user, ids))
                 elif isinstance(module, nn.Flatten):
-                    self.walk(user, ids.reshape(graph.shape(user)))
+                    going.append((user, ids.reshape(graph.shape(user))))
                 elif isinstance(module, nn.LayerNorm):
-                    blocked |= not _constant_along(ids, tuple(range(-len(module.normalized_shape), 0)))
+                    ignored = self.absorbed(ids, tuple(range(-len(module.normalized_shape), 0)))
                 elif isinstance(module, _NormBase) and ids.ndim >= 2:
                     instance = isinstance(module, nn.modules.instancenorm._InstanceNorm)
                     if instance and ids.ndim < 3:
                         raise _Stop("an unbatched instance norm")
-                    dims = tuple(range(2, ids.ndim)) if instance else (0, *range(2, ids.ndim))
-                    blocked |= not _constant_along(ids, dims)
+                    ignored = self.absorbed(ids, tuple(range(2, ids.ndim)) if instance else (0, *range(2, ids.ndim)))
+                elif isinstance(module, nn.GroupNorm) and ids.ndim >= 2 and ids.shape[1] == module.num_channels:
+                    # the mean of each example's group of channels (and positions) is subtracted
+                    ignored = self.absorbed(ids.reshape(ids.shape[0], module.num_groups, -1), (2,))
                 else:
-                    blocked = True
-                continue
-            if user.op not in ("call_function", "call_method"):
+                    ignored = False
+            elif user.op not in ("call_function", "call_method"):
                 raise _Stop(f"{user.name}: {user.op}")
-            target, method = user.target, user.op == "call_method"
-            if positions == [0] and (target in MOVE_METHODS if method else target in MOVE_FUNCTIONS or _is_move_attribute(user)):
-                self.walk(user, graph.moved(node, user, ids))
-            elif positions == [0] and (target in RESHAPE_METHODS if method else target in RESHAPE_FUNCTIONS):
-                self.walk(user, ids.reshape(graph.shape(user)))
-            elif (target in ADD_METHODS if method else target in ADD_FUNCTIONS) and positions in ([0], [1]):
-                if len(user.args) != 2 or user.kwargs:
-                    raise _Stop(f"{user.name}: an add with options")
-                shape = graph.shape(user)
-                if torch.broadcast_shapes(ids.shape, shape) != shape:
-                    raise _Stop(f"{user.name}: unexpected shape")
-                self.walk(user, torch.broadcast_to(ids, shape))
             else:
+                positions = [i for i, a in enumerate(user.args) if a is node] + [k for k, a in user.kwargs.items() if a is node]
+                target, method = user.target, user.op == "call_method"
+                if positions == [0] and (target in MOVE_METHODS if method else target in MOVE_FUNCTIONS or _is_move_attribute(user)):
+                    going.append((user, graph.moved(node, user, ids)))
+                elif positions == [0] and (target in RESHAPE_METHODS if method else target in RESHAPE_FUNCTIONS):
+                    going.append((user, ids.reshape(graph.shape(user))))
+                elif positions == [0] and target in ("mean", torch.mean) and self.constant_mean(user, ids):
+                    # the mean over axes where the shift is the same keeps it
+                    going.append((user, graph.reduced(user, ids)))
+                elif (target in ADD_METHODS if method else target in ADD_FUNCTIONS) and positions in ([0], [1]):
+                    if len(user.args) != 2 or user.kwargs:
+                        raise _Stop(f"{user.name}: an add with options")
+                    shape = graph.shape(user)
+                    if len(ids.shape) > len(shape) or any(a not in (1, b) for a, b in zip(ids.shape[::-1], shape[::-1])):
+                        raise _Stop(f"{user.name}: unexpected shape")
+                    going.append((user, ids if ids.shape == shape else torch.broadcast_to(ids, shape)))
+                else:
+                    ignored = False
+            if not ignored:
                 blocked = True
+                self.readers.append((node, user, ids))
         if blocked:
             self.blocked.append((node, ids))
+        elif self._merging:
+            self.merged.append((node, ids))
+        return going
 
 
-def _shift_writers(graph: _Graph) -> Iterator[tuple[torch.fx.Node, str, list[tuple[str, Tensor, Term, str]]]]:
-    """Each node that writes a shiftable parameter into a value, with its shifts: (pattern,
-    the shift's unit map over the node's value, the law's term, component label prefix)."""
+def _shift_writers(graph: _Graph) -> Iterator[tuple[torch.fx.Node, str, list[_Shift]]]:
+    """Each node that writes a shiftable parameter into a value, with its shifts."""
     for node in graph.gm.graph.nodes:
         module = graph.module(node)
         if node.op == "get_attr":
@@ -1125,26 +1491,33 @@ def _shift_writers(graph: _Graph) -> Iterator[tuple[torch.fx.Node, str, list[tup
             if value.ndim == 1:
                 n = value.shape[0]
                 shifts = [
-                    ("unit", torch.arange(n), Term(name, "sum", units=n), "entry"),
-                    ("uniform", torch.zeros(n, dtype=torch.long), Term(name, "sum", units=1), "sum"),
+                    _Shift("unit", torch.arange(n), name, n, "entry"),
+                    _Shift("uniform", torch.zeros(n, dtype=torch.long), name, n, "sum"),
                 ]
             else:
-                rows = torch.arange(value.shape[0]).unsqueeze(1).expand(value.shape)
-                shifts = [("position", rows, Term(name, "sum", axis=0, units=value.shape[0]), "row")]
+                rows, width = value.shape
+                atoms = torch.arange(rows * width).reshape(rows, width)
+                shifts = [_Shift("position", atoms, name, width, "row", keep=0, count=rows)]
             yield node, name, shifts
             continue
-        if module is None or node.target in graph.excluded:
+        attention = _attention_output(graph, node)
+        if attention is not None:
+            # the first output of an nn.MultiheadAttention is written by its out_proj
+            name, module = _prefixed(node.args[0].target, "out_proj"), attention.out_proj
+        elif module is None or node.target in graph.excluded:
             continue
+        else:
+            name = node.target
         try:
             shape = graph.shape(node)
         except _Stop:
             continue
-        name, shifts = node.target, []
+        shifts = []
         bias = getattr(module, "bias", None)
         axis = None
         if isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1):
             axis = len(shape) - 1
-        elif isinstance(module, (*CONVS, _NormBase)) and len(shape) >= 2:
+        elif isinstance(module, (*CONVS, _NormBase, nn.GroupNorm)) and len(shape) >= 2:
             axis = 1
         if axis is not None and isinstance(bias, nn.Parameter) and shape[axis] == bias.shape[0]:
             view = [1] * len(shape)
@@ -1152,46 +1525,107 @@ def _shift_writers(graph: _Graph) -> Iterator[tuple[torch.fx.Node, str, list[tup
             units = torch.arange(shape[axis]).reshape(view).expand(shape)
             bias_name = _prefixed(name, "bias")
             shifts += [
-                ("unit", units, Term(bias_name, "sum", units=shape[axis]), "bias"),
-                ("uniform", torch.zeros(shape, dtype=torch.long), Term(bias_name, "sum", units=1), "bias sum"),
+                _Shift("unit", units, bias_name, shape[axis], "bias"),
+                _Shift("uniform", torch.zeros(shape, dtype=torch.long), bias_name, shape[axis], "bias sum"),
             ]
-        positions = torch.arange(math.prod(shape[:-1])).reshape(*shape[:-1], 1).expand(shape) if shape else None
-        if isinstance(module, nn.Linear):
-            shifts.append(("position", positions, Term(_prefixed(name, "weight"), "sum", axis=1, units=module.in_features), "col"))
-        elif isinstance(module, nn.Embedding) and module.max_norm is None and shape[-1] == module.embedding_dim:
-            shifts.append(("position", positions, Term(_prefixed(name, "weight"), "sum", axis=0, units=module.num_embeddings), "row"))
+        embedding = isinstance(module, nn.Embedding) and module.max_norm is None and tuple(shape[-1:]) == (module.embedding_dim,)
+        if shape and (isinstance(module, nn.Linear) or embedding):
+            n = shape[-1]
+            atoms = torch.arange(math.prod(shape[:-1])).reshape(*shape[:-1], 1) * n + torch.arange(n)
+            if isinstance(module, nn.Linear):
+                shifts.append(_Shift("position", atoms, _prefixed(name, "weight"), n, "col", keep=1, count=module.in_features))
+            else:
+                shifts.append(_Shift("position", atoms, _prefixed(name, "weight"), n, "row", keep=0, count=module.num_embeddings))
         if shifts:
             yield node, name, shifts
 
 
-def _shift_laws(graph: _Graph, loss: str) -> list[tuple[torch.fx.Node, Law]]:
+def _compensated(graph: _Graph, readers: list[tuple[torch.fx.Node, torch.fx.Node, Tensor]]) -> list[str] | None:
+    """The layers whose bias undoes the shift where they read it (b → b − W·shift), or None
+    unless every reader that does not ignore the shift is one: a Linear reading it alone, or
+    an nn.MultiheadAttention reading it as query, key or value (its packed input maps), with
+    a trainable bias, the shift constant over the positions."""
+    if not all(isinstance(graph.module(user), (nn.Linear, nn.MultiheadAttention)) for _, user, _ in readers):
+        return None
+    names = []
+    for node, user, ids in readers:
+        module = graph.module(user) if user.op == "call_module" else None
+        if isinstance(module, nn.Linear):
+            bias, alone = module.bias, len(user.args) == 1 and not user.kwargs
+        elif isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None:
+            bias = module.in_proj_bias
+            alone = all(a is not node for a in (*user.args[3:], *user.kwargs.values()))
+        else:
+            return None
+        trainable = isinstance(bias, nn.Parameter) and bias.requires_grad
+        if not trainable or not alone or not _constant_along(ids, tuple(range(ids.ndim - 1))):
+            return None
+        names.append(user.target)
+    return list(dict.fromkeys(names)) or None
+
+
+def _shift_laws(graph: _Graph, loss: str) -> tuple[list[tuple[torch.fx.Node, Law]], list[str]]:
     """translation laws of parameters whose shift every reader ignores: a bias before a
-    BatchNorm/InstanceNorm (each entry), the biases and weight columns written into a stream
-    read only by LayerNorms (or by a softmax cross-entropy), and differences of biases whose
-    shifts cancel where they meet anything else (Σ b_o − Σ b_fc2 in a pre-norm block; b[j] of
-    a block's last layer − b[j] of its shortcut, per unit)."""
+    BatchNorm/InstanceNorm (each entry) or a GroupNorm (the sum over each group), the biases
+    and weight columns written into a stream read only by LayerNorms (or by a softmax
+    cross-entropy), and differences of biases whose shifts cancel where they meet anything
+    else (Σ b_o − Σ b_fc2 in a pre-norm block; b[j] of a block's last layer − b[j] of its
+    shortcut, per unit).
+
+    One walk per "unit" or "position" shift, readers merging units into cells, gives the
+    finest law. Where some reader does not ignore the shift, the values it reaches are where
+    it must cancel against other writers' (a "unit" shift: also where a merge was needed; the
+    "uniform" shift reaches the same values, as one number, so the same walk serves it).
+
+    Also returns, as sentences, the shifts that Linear readers' biases compensate (b → b −
+    W·shift): symmetries whose generator depends on θ, whose laws no flowsim Law expresses
+    (``h = inp(x); out = h + fc2(relu(fc1(h)))``: one law, which the count finds)."""
     laws: list[tuple[torch.fx.Node, Law]] = []
+    hints: list[str] = []
     cancelling: dict[str, dict[tuple, list[tuple[torch.fx.Node, str, Term, str]]]] = {"unit": {}, "uniform": {}}
+
+    places: dict[int, tuple[Tensor, tuple]] = {}  # one shift map reaches many values along a stream: listed once
+
+    def signature(reached: list[tuple[torch.fx.Node, Tensor]], uniform: bool) -> tuple:
+        """Each value reached, how often, and where each unit sits there."""
+        for _, m in reached:
+            if not uniform and id(m) not in places:
+                places[id(m)] = (m, tuple(m.flatten().tolist()))
+        return tuple(sorted((n.name, tuple(m.shape), () if uniform else places[id(m)][1]) for n, m in reached))
+
     for node, name, shifts in _shift_writers(graph):
-        free_units = False
-        for pattern, ids, term, label in shifts:
-            if pattern == "uniform" and free_units:
+        uniform = next((s for s in shifts if s.pattern == "uniform"), None)
+        for shift in shifts:
+            if shift.pattern == "uniform":
                 continue
-            walker = _Shifts(graph, loss)
+            cells = _Cells(shift.units)
+            walker = _Shifts(graph, loss, cells, shift.units if shift.pattern == "position" else None)
             try:
-                walker.walk(node, ids)
+                walker.walk(node, shift.ids)
             except _Stop:
                 continue
-            if walker.blocked:
-                if pattern in cancelling:
-                    # where the shift must cancel: each value, how often, and where each unit sits there
-                    signature = tuple(sorted((n.name, tuple(m.shape), tuple(m.flatten().tolist())) for n, m in walker.blocked))
-                    cancelling[pattern].setdefault(signature, []).append((node, name, term, label))
-                continue
-            free_units |= pattern == "unit"
-            n = term.units
-            components = (label,) if n == 1 else tuple(f"{label} {j}" for j in range(n))
-            laws.append((node, Law("translation", name, ((term,),), components)))
+            labels = cells.labels()
+            if not walker.blocked:
+                # one cell of every unit: a "unit" shift is the uniform one, with its own label
+                whole = shift.pattern == "unit" and shift.units > 1 and int(labels.max()) == 0
+                law = None if whole else shift.law(name, labels)
+                if law is None and shift.pattern == "unit" and uniform is not None:
+                    law = Law("translation", name, ((uniform.term(),),), (uniform.label,))
+                if law is not None:
+                    laws.append((node, law))
+            readers = _compensated(graph, walker.readers) if shift.pattern == "unit" and walker.blocked else None
+            if readers is not None:
+                number = int(labels.max()) + 1
+                hints.append(
+                    f"{shift.param} shifted by {'one number' if number == 1 else f'{number} numbers'}, which the bias of "
+                    f"{' and '.join(readers)} compensates (b → b − W·shift: a symmetry that depends on θ)"
+                )
+            if shift.pattern == "unit" and (walker.blocked or walker.merged):
+                reached = signature(walker.blocked + walker.merged, uniform=False)
+                cancelling["unit"].setdefault(reached, []).append((node, name, shift.term(), shift.label))
+            if shift.pattern == "unit" and walker.blocked and uniform is not None:
+                reached = signature(walker.blocked, uniform=True)
+                cancelling["uniform"].setdefault(reached, []).append((node, name, uniform.term(), uniform.label))
     # writers whose shifts reach the same values, the same units in the same places, cancel in pairs
     paired: set[str] = set()
     for pattern in ("unit", "uniform"):
@@ -1204,7 +1638,7 @@ def _shift_laws(graph: _Graph, loss: str) -> list[tuple[torch.fx.Node, Law]]:
                 laws.append((node, Law("translation", f"{name}-{other}", (group,), components)))
             if pattern == "unit" and len(members) > 1:
                 paired.update(m[1] for m in members)
-    return laws
+    return laws, hints
 
 
 def _unreached_laws(graph: _Graph, model: nn.Module) -> list[Law]:
@@ -1244,15 +1678,24 @@ def _unreached_laws(graph: _Graph, model: nn.Module) -> list[Law]:
     return laws
 
 
+def _attention_output(graph: _Graph, node: torch.fx.Node) -> nn.MultiheadAttention | None:
+    """The nn.MultiheadAttention (not excluded) whose first output `node` is, or None."""
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
+        return None
+    parent = graph.module(node.args[0])
+    if isinstance(parent, nn.MultiheadAttention) and node.args[0].target not in graph.excluded:
+        return parent
+    return None
+
+
 def _sources(graph: _Graph) -> Iterator[_Source]:
     for node in graph.gm.graph.nodes:
         module = graph.module(node)
         if module is None or node.target in graph.excluded:
             # the first output of an nn.MultiheadAttention is a source too
-            if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
-                parent = graph.module(node.args[0])
-                if isinstance(parent, nn.MultiheadAttention) and node.args[0].target not in graph.excluded:
-                    yield _attention_output_source(node, parent)
+            attention = _attention_output(graph, node)
+            if attention is not None:
+                yield _attention_output_source(node, attention)
             continue
         source = _source(node, module)
         if source is not None:
@@ -1310,6 +1753,13 @@ def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None 
     `inputs` (a few examples, batch first) give every tensor's shape to the graph walk; without
     them flowsim probes the model with small inputs guessed from its first layer. The model is
     traced in training mode, as Problem runs it, and left in its own modes."""
+    return detect_with_hints(model, loss, inputs)[0]
+
+
+def detect_with_hints(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None = None) -> tuple[list[Law], list[str]]:
+    """``detect``'s laws, and sentences naming the symmetries found whose laws no flowsim Law
+    expresses (they depend on θ beyond degree 2: a shift that a Linear reader's bias
+    compensates, b → b − W·shift); ``count`` names them where it finds more laws than known."""
     if loss not in LOSSES:
         raise bad_value("problem.loss", loss, f"one of {', '.join(LOSSES)}")
     graph = _Graph(model, inputs)
@@ -1342,9 +1792,9 @@ def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None 
             continue
         with contextlib.suppress(_Stop):
             found.append((order[query.node], _qk_law(query, q, key, k)))
-            bias = _key_bias_law(graph, key, node)
+            bias = _bias_law(graph, query, key, node)
             if bias is not None:
-                found.append((order[key.node], bias))
+                found.append((order[bias[0].node], bias[1]))
     for node in graph.gm.graph.nodes:
         module = graph.module(node)
         if isinstance(module, nn.MultiheadAttention) and node.target not in graph.excluded:
@@ -1352,14 +1802,15 @@ def detect(model: nn.Module, loss: str = "cross_entropy", inputs: Tensor | None 
     found += [(order[source.node], law) for source, law in _stream_laws(graph, streams)]
     # translations: a group of terms already conserved (the logits' translation of the head) is not repeated
     known = {group for _, law in found if law.kind == "translation" for group in law.groups}
-    for node, law in _shift_laws(graph, loss):
+    shift_laws, hints = _shift_laws(graph, loss)
+    for node, law in shift_laws:
         keep = [(g, c) for g, c in zip(law.groups, _group_components(law)) if g not in known]
         if keep:
             known.update(g for g, _ in keep)
             found.append((order[node], replace(law, groups=tuple(g for g, _ in keep), components=tuple(c for _, cs in keep for c in cs))))
     laws = [law for _, law in sorted(found, key=lambda pair: pair[0])]
     laws += _unreached_laws(graph, model)
-    return [law for law in laws if set(law.parameters) <= trainable - graph.exposed.keys()]
+    return [law for law in laws if set(law.parameters) <= trainable - graph.exposed.keys()], hints
 
 
 def _group_components(law: Law) -> list[tuple[str, ...]]:
@@ -1371,4 +1822,4 @@ def _group_components(law: Law) -> list[tuple[str, ...]]:
     return out
 
 
-__all__ = ["detect"]
+__all__ = ["detect", "detect_with_hints"]
