@@ -12,6 +12,9 @@ rtol = atol = tol, the same θ0 and data in every candidate:
   --compile, ``compile=True``);
 - "torchdiffeq": ``torchdiffeq.odeint`` over the flat-buffer autograd vector field
   (``GradientFlow.derivative``, what ``integrators.ODE`` runs);
+- "fs.simulate": the whole call as users make it (laws=[], the final θ recorded), with
+  ``integrator=None`` when --tol is 1e-6 (the default: RK's dopri5 at 1e-6), else RK at --tol,
+  and with --compile its RK(compile=True) (compiled once per problem, cached across calls);
 - "diffrax": ``diffeqsolve(ODETerm(−∇L), Dopri5(), PIDController(rtol, atol))`` under
   ``jax.jit`` with float64 enabled; its compile time is reported apart. XLA keeps its own
   thread pool (--threads sets torch's only).
@@ -167,7 +170,18 @@ def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool, d
             evaluations["torchdiffeq"] = timed.calls
             inside.setdefault("torchdiffeq", []).append(timed.inside)
 
-        candidates = {"flowsim RK": flowsim_run("flowsim RK", False), "torchdiffeq": torchdiffeq_run}
+        def simulate_run(name: str, compiled: bool) -> Callable[[], None]:
+            # a whole fs.simulate call as users make it: integrator=None is RK("dopri5") at 1e-6
+            integrator = None if tol == 1e-6 and not compiled else RK("dopri5", rtol=tol, atol=tol, compile=compiled)
+
+            def run() -> None:
+                ds = fs.simulate(problem, flow, integrator, t1=t1, save_every=t1, laws=[], observe=("params",), device=device, progress=False)
+                finals[name], evaluations[name] = torch.as_tensor(ds.params.values[-1]).to(device), int(ds.nfe[-1])
+
+            return run
+
+        default = "fs.simulate, integrator=None" if tol == 1e-6 else "fs.simulate, RK"
+        candidates = {"flowsim RK": flowsim_run("flowsim RK", False), default: simulate_run(default, False), "torchdiffeq": torchdiffeq_run}
         if on_gpu:
             candidates["flowsim RK, sync_every=16"] = device_run("flowsim RK, sync_every=16", False)
             candidates["flowsim RK, sync_every=16, cuda_graph"] = device_run("flowsim RK, sync_every=16, cuda_graph", True)
@@ -177,6 +191,7 @@ def main(kinds: list[str], repeats: int, t1: float, tol: float, compile: bool, d
             start = time.perf_counter()
             candidates["flowsim RK, compile=True"]()
             compile_time = time.perf_counter() - start
+            candidates["fs.simulate, RK compile=True"] = simulate_run("fs.simulate, RK compile=True", True)
         try:
             diffrax_run, diffrax_compile = diffrax_solver(kind, problem, t1, tol)
         except ImportError as exc:
