@@ -41,16 +41,19 @@ def check_batched(dynamics: Dynamics, field: str) -> None:
         )
 
 
-class Ensemble:
+class Ensemble(Problem):
     """`problem` seen by K members at once: θ is (K, P); the network's forward pass is vmapped
     over the members (batched by hand for MLPs: `StackedLayers`), and one backward pass of
     Σ_k L(θ_k) gives every member's gradient (the members share no parameter, so
-    ∂/∂θ_k Σ_j L(θ_j) = ∇L(θ_k) exactly)."""
+    ∂/∂θ_k Σ_j L(θ_j) = ∇L(θ_k) exactly). It is that problem (its network, data, loss and
+    layout, shared, not copied) with ``members = ("member", K)`` and the batched methods below;
+    a single θ (P,) goes to the wrapped problem."""
 
     #: the record's leading dimension over the members
     dim = "member"
 
     def __init__(self, problem: Problem, size: int, member_seeds: tuple[int, ...] | None = None) -> None:
+        self.__dict__.update(problem.__dict__)  # the same problem: no second copy of the network or data
         self.problem = problem
         self.members = (self.dim, size)
         #: member k's own seed of its mini-batches (``batch_indices``), or None: all use the run's seed
@@ -59,9 +62,6 @@ class Ensemble:
         self._forward_each = vmap(problem._forward, in_dims=(0, 0))
         #: the hand-batched forward pass of an MLP-like network, or None (vmap)
         self.stacked = StackedLayers.of(problem)
-
-    def __getattr__(self, name: str):
-        return getattr(self.problem, name)
 
     def batch_indices(self, sampler: BatchSampler, k: int, seed: int) -> Tensor | None:
         """Step k's mini-batch: the run's, drawn from `seed` and shared by the members (S,); with
