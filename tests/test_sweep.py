@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 import flowsim as fs
@@ -191,8 +192,15 @@ def test_sweep_one_point_diverges(tmp_path, client, ensemble_seeds):
         assert ds.attrs["ensembles_executed"] == 1 and ds.attrs["ensembles_rerun"] == 1
     for (lr, seed), expected in status.items():
         text = ONE_DIVERGES.replace("lr = 0.5", f"lr = {lr}").replace("[run]", f"[run]\nseed = {seed}")
-        with pytest.warns(RuntimeWarning) if expected == "diverged" else _nothing():
-            alone = fs.run_config(text, progress=False)
+        # dask starts its workers with OMP_NUM_THREADS=1 (distributed's pre-spawn environment), so
+        # torch runs there on one thread: on one thread here too, a point is its run alone bit for bit
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with pytest.warns(RuntimeWarning) if expected == "diverged" else _nothing():
+                alone = fs.run_config(text, progress=False)
+        finally:
+            torch.set_num_threads(threads)
         assert alone.attrs["status"] == expected
         point = ds.sel(lr=lr, seed=seed).dropna("time", how="all", subset=["loss"])
         assert point.sizes["time"] == alone.sizes["time"] >= 2
