@@ -155,3 +155,22 @@ def gpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return torch.device("cuda")
+
+
+def checked_laws(model: torch.nn.Module, X: torch.Tensor, loss: str) -> list:
+    """The laws detected on a float64 copy of `model`, each exact one orthogonal to the gradient
+    flowsim integrates at a random θ (≤ 1e-10 relative; a false law gives 1e-3 … 1)."""
+    from flowsim.laws import gradient_check
+
+    torch.manual_seed(0)
+    model, X = model.double(), X.double()
+    with torch.no_grad():
+        out = model(X)
+    y = torch.randint(out.shape[-1], (len(X),)) if loss == "cross_entropy" else torch.randn_like(out)
+    problem = fs.Problem(model, (X, y), loss=loss)
+    laws = fs.laws.detect(model, loss=loss, inputs=X)
+    exact = [law for law in laws if law.exact]
+    theta = torch.randn(problem.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    worst = gradient_check(exact, problem, theta)
+    assert float(worst.max()) <= 1e-10, [(law.kind, law.site) for law in exact]
+    return laws

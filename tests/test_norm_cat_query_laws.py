@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import flowsim as fs
-from flowsim.laws import Term, gradient_check
+from flowsim.laws import Term
+
+from conftest import checked_laws
 
 
 def kinds(laws):
@@ -19,21 +21,7 @@ def kinds(laws):
 
 
 def checked(model, X, loss="cross_entropy"):
-    """The laws of a float64 copy of `model`, each exact one orthogonal to the gradient at a
-    random θ (≤ 1e-10 relative; a false law gives 1e-3 … 1)."""
-    torch.manual_seed(0)
-    model = model.double()
-    X = X.double()
-    with torch.no_grad():
-        out = model(X)
-    y = torch.randint(out.shape[-1], (len(X),)) if loss == "cross_entropy" else torch.randn_like(out)
-    problem = fs.Problem(model, (X, y), loss=loss)
-    laws = fs.laws.detect(model, loss=loss, inputs=X)
-    exact = [law for law in laws if law.exact]
-    theta = torch.randn(problem.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    worst = gradient_check(exact, problem, theta)
-    assert float(worst.max()) <= 1e-10, [(law.kind, law.site) for law in exact]
-    return laws
+    return checked_laws(model, X, loss)
 
 
 def complete(model, X, loss="cross_entropy"):
