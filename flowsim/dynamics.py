@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, bad_value, check_field
+from .kinks import Branches
 from .problem import Problem
 from .terms import Noise, Semilinear, StepMap, StepResult, Term, VectorField
 
@@ -88,8 +90,14 @@ class ContinuousDynamics(Dynamics):
             members=problem.members,
             error_norm=problem.error_norm,
             compiled=lambda: self._field(problem.compiled_gradient(), y0),
+            jvp=self.jvp(problem),
+            kinks=Branches if problem.members is None else None,
             **self._parts(problem),
         )
+
+    def jvp(self, problem: Problem) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+        """(t, y, v) ↦ ∂derivative/∂y · v on `problem`, or None where the dynamics gives none."""
+        return None
 
     def _parts(self, problem: Problem) -> dict[str, Any]:
         """What a term of ``term_type`` takes beyond a vector field's (a Semilinear one: M and N)."""
@@ -118,6 +126,13 @@ class GradientFlow(ContinuousDynamics):
         if problem.weight_decay:
             grad = grad.add(y, alpha=problem.weight_decay)
         return grad.neg_()
+
+    def jvp(self, problem: Problem) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+        """J v = −(H + λ)v, H = ∇²L by double backward (``Problem.hvp``; one θ, so None for
+        an ensemble's (K, P) batch)."""
+        if problem.members is not None:
+            return None
+        return lambda t, y, v: problem.hvp(y, v).add_(v, alpha=problem.weight_decay).neg_()
 
 
 class SemilinearDynamics(ContinuousDynamics):

@@ -49,6 +49,8 @@ VARIABLES: dict[str, dict[str, str]] = {
     "iterations": {"long_name": "cumulative fixed-point iterations of the implicit stage equations"},
     "newton_iterations": {"long_name": "cumulative Newton iterations of the implicit stage equations"},
     "residual": {"long_name": "largest final residual of the stage equations since the last save point"},
+    "jacobian_products": {"long_name": "cumulative Jacobian-vector products of the Newton iterations"},
+    "kinked_steps": {"long_name": "cumulative steps solved on a frozen smooth piece of a non-smooth flow (ReLU, max-pool)"},
     "params": {"long_name": "flat parameter vector θ"},
     "time": {"long_name": "training time", "units": "t = step * lr"},
     "step": {"long_name": "integrator steps taken (SGD steps for discrete dynamics)"},
@@ -74,7 +76,7 @@ VARIABLES: dict[str, dict[str, str]] = {
 
 
 #: the integrators' statistics the schema describes (``SavePoint.stats``)
-STATS = {"rejected_steps", "iterations", "newton_iterations", "residual"}
+STATS = {"rejected_steps", "iterations", "newton_iterations", "residual", "jacobian_products", "kinked_steps"}
 
 
 def check_observe(observe: Sequence[str]) -> tuple[str, ...]:

@@ -5,12 +5,12 @@ A dynamics, bound to a problem and an initial point, hands an integrator a *term
 diffrax's terms); an integrator declares the term type it takes (``Integrator.term``) and
 integrates any term of that type. Neither side imports the other: both import this module.
 
-| term         | what it is                                         | integrators                       |
-|--------------|----------------------------------------------------|-----------------------------------|
-| VectorField  | y' = f(t, y) on a flat state y                     | RK, ODE, SciPy, Exponential       |
-| Semilinear   | y' = (M ⊗ I_P) y + N(t, y) (a VectorField too)     | the same; Exponential solves M    |
-| Noise        | dθ = b(θ) dt + G(θ) dW, with a fused increment     | FusedEulerMaruyama, SDE           |
-| StepMap      | state_{k+1} = step(state_k, k, seed)               | Discrete                          |
+| term         | what it is                                         | integrators                                |
+|--------------|----------------------------------------------------|--------------------------------------------|
+| VectorField  | y' = f(t, y) on a flat state y                     | RK, ODE, SciPy, Exponential, GaussLegendre |
+| Semilinear   | y' = (M ⊗ I_P) y + N(t, y) (a VectorField too)     | the same; Exponential solves M             |
+| Noise        | dθ = b(θ) dt + G(θ) dW, with a fused increment     | FusedEulerMaruyama, SDE                    |
+| StepMap      | state_{k+1} = step(state_k, k, seed)               | Discrete                                   |
 
 **Members.** θ may be a batch of K independent members, (K, P): an ensemble's copies of the
 run, or the SDE's paths. A term says so by ``members = (dim, K)``, the record's leading
@@ -47,6 +47,12 @@ class VectorField(Term):
       over every entry); an ensemble gives the largest of its members' RMS norms.
     - `compiled()`: the same field with its gradients through one compiled graph (None: it has
       none; integrators' ``compile=True`` asks for it).
+    - `jvp(t, y, v)`: ∂f/∂y(t, y) · v, the Jacobian of f applied to v (None: the dynamics gives
+      none; an implicit integrator then takes a finite difference of f).
+    - `kinks()`: a fresh recorder of the branches f's non-smooth operations take (ReLU masks,
+      max-pool choices; ``flowsim.kinks.Branches``): f evaluated inside its ``record()`` notes
+      them, inside its ``replay()`` takes them at any y, the smooth piece of f through the
+      recorded point (None: f has no kinks to freeze).
     """
 
     f: Callable[[Tensor, Tensor], Tensor]
@@ -54,6 +60,8 @@ class VectorField(Term):
     split: Callable[[Tensor], tuple[Tensor, Tensor | None]]
     error_norm: Callable[[Tensor], Tensor] | None = None
     compiled: Callable[[], VectorField] | None = None
+    jvp: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    kinks: Callable[[], Any] | None = None
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         return self.f(t, y)

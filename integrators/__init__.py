@@ -1,11 +1,13 @@
 """HOW the dynamics move: torchdiffeq ODE solvers and a fused Runge–Kutta loop, scipy.integrate,
-an exponential integrator for stiff flows, the discrete step loop, and the SGD-noise SDE
-(torchsde, and a fused Euler–Maruyama)."""
+an exponential integrator for stiff flows, Gauss–Legendre collocation (every quadratic law kept
+at any step), the discrete step loop, and the SGD-noise SDE (torchsde, and a fused
+Euler–Maruyama)."""
 
 from .base import Integrator, SaveGrid, SavePoint
 from .discrete import Discrete
 from .exponential import Exponential
 from .fused import FusedEulerMaruyama
+from .gauss_legendre import GaussLegendre
 from .ode import ODE
 from .rk import RK
 from .scipy import SciPy
@@ -17,6 +19,7 @@ INTEGRATORS = {
     "RK": RK,
     "SciPy": SciPy,
     "Exponential": Exponential,
+    "GaussLegendre": GaussLegendre,
     "Discrete": Discrete,
     "SDE": SDE,
     "FusedEulerMaruyama": FusedEulerMaruyama,
