@@ -9,7 +9,7 @@ A run with ``out="run.zarr"`` (or ``.nc``) keeps ``run.zarr.ckpt`` while it can 
   always already in the store when the checkpoint is written);
 - ``integrator``: the ``SavePoint.checkpoint`` of row n_saved − 1 (integrators.base: θ, the
   momentum buffer, the Runge–Kutta state, step and evaluation counters, …); None: from t = 0;
-- ``recorder``: the observers' own state (the power-iteration vector of ``sharpness``);
+- ``recorder``: the observers' own state (the eigen-solver's subspace of ``sharpness``);
 - ``wall_time``: the seconds the run had taken (a resumed run's ``wall_time`` goes on from it).
 
 It is written with ``torch.save`` to a temporary file, fsync'ed, then renamed over the old one

@@ -2,7 +2,8 @@
 
 The schema (DESIGN §6): dims ``time`` and ``quantity`` (one entry per law component);
 ``value``/``grad_sq``/``velocity_sq`` (time, quantity); ``loss``, ``grad_norm``, ``nfe``,
-``wall_time``, optional ``sharpness`` (time); optional ``params`` (time, parameter). Coords
+``wall_time``, optional ``sharpness`` (time, or (time, eigen) for the top k > 1 eigenvalues) and
+``sharpness_matvecs`` (time); optional ``params`` (time, parameter). Coords
 ``time``, ``step`` (time) and ``law``, ``site``, ``component``, ``exact``, ``scale``
 (quantity); hyper-parameters that vary between runs as scalar coords. Attrs hold strings and
 numbers only; structured ones are JSON.
@@ -15,7 +16,9 @@ quantity), ``loss`` (time, path), …); ``time``, ``step``, ``nfe`` and ``wall_t
 from __future__ import annotations
 
 import json
+import re
 import time as _time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +30,14 @@ from torch import Tensor
 from .errors import ConfigError
 from .laws import LawSet
 from .problem import Problem
+from .spectrum import HessianOperator, top_eigenpairs
 from .store import NetCDFStore, ZarrStore, open_record
 from .terms import SavePoint
 
 OBSERVABLES = ("loss", "grad_norm", "sharpness", "params")
+
+#: ``"sharpness:k"``: the top k Hessian eigenvalues ("sharpness" alone: k = 1)
+_SHARPNESS_K = re.compile(r"sharpness:([1-9][0-9]*)")
 
 #: long_name and units of every variable a record may hold
 VARIABLES: dict[str, dict[str, str]] = {
@@ -42,7 +49,9 @@ VARIABLES: dict[str, dict[str, str]] = {
     "theory": {"long_name": "prediction of the law component from the recorded companions (flowsim.theory)"},
     "loss": {"long_name": "data loss L(θ) on the full data, without the weight-decay penalty"},
     "grad_norm": {"long_name": "norm of the gradient that moves θ, |ĝ + λθ|"},
-    "sharpness": {"long_name": "largest Hessian eigenvalue of the data loss (power iteration)"},
+    "sharpness": {"long_name": "largest Hessian eigenvalues of the data loss, λ_1 ≥ … ≥ λ_k along eigen (Lanczos)"},
+    "sharpness_matvecs": {"long_name": "Hessian-vector products the sharpness observer took at this save point"},
+    "eigen": {"long_name": "index of a Hessian eigenvalue, 0 the largest"},
     "nfe": {"long_name": "cumulative evaluations of the dynamics (vector field calls or SGD steps)"},
     "wall_time": {"long_name": "wall-clock time since the run started", "units": "s"},
     "rejected_steps": {"long_name": "cumulative step attempts the error control rejected"},
@@ -80,24 +89,46 @@ STATS = {"rejected_steps", "iterations", "newton_iterations", "residual", "jacob
 
 
 def check_observe(observe: Sequence[str]) -> tuple[str, ...]:
+    """The observers' names, each once; ``"sharpness:k"`` (k ≥ 1) asks for the top k Hessian
+    eigenvalues (``"sharpness:1"`` is written ``"sharpness"``)."""
+    expected = f"names from {', '.join(OBSERVABLES)} (or sharpness:k for the top k eigenvalues)"
     if isinstance(observe, (str, dict)) or not isinstance(observe, Sequence) or not all(isinstance(o, str) for o in observe):
-        raise ConfigError(f"run.observe: got {observe!r}; expected a list of names from {', '.join(OBSERVABLES)}")
-    unknown = [o for o in observe if o not in OBSERVABLES]
+        raise ConfigError(f"run.observe: got {observe!r}; expected a list of {expected}")
+    names = ["sharpness" if o == "sharpness:1" else o for o in observe]
+    unknown = [o for o in names if o not in OBSERVABLES and not _SHARPNESS_K.fullmatch(o)]
     if unknown:
-        raise ConfigError(f"run.observe: got {unknown[0]!r}; expected names from {', '.join(OBSERVABLES)}")
-    return tuple(dict.fromkeys(observe))
+        raise ConfigError(f"run.observe: got {unknown[0]!r}; expected {expected}")
+    names = list(dict.fromkeys(names))
+    sharp = [o for o in names if o.startswith("sharpness")]
+    if len(sharp) > 1:
+        raise ConfigError(f"run.observe: got {sharp[0]!r} and {sharp[1]!r}; expected one sharpness observer")
+    return tuple(names)
 
 
-def sharpness(problem: Problem, theta: Tensor, iterations: int = 20, start: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Largest Hessian eigenvalue of L at θ by power iteration on Hessian-vector products."""
-    v = torch.randn_like(theta) if start is None else start
-    v = v / v.norm()
-    eig = torch.zeros((), dtype=theta.dtype, device=theta.device)
-    for _ in range(iterations):
-        hv = problem.hvp(theta, v)
-        eig = hv @ v
-        v = hv / hv.norm().clamp_min(torch.finfo(theta.dtype).tiny)
-    return eig, v
+def sharpness_k(observe: Sequence[str]) -> int:
+    """How many top eigenvalues `observe` (checked) asks for: 0 (none), 1 ("sharpness"), k ("sharpness:k")."""
+    for name in observe:
+        if name == "sharpness":
+            return 1
+        match = _SHARPNESS_K.fullmatch(name)
+        if match:
+            return int(match.group(1))
+    return 0
+
+
+def sharpness_tolerance(dtype: torch.dtype) -> float:
+    """The sharpness observer's residual tolerance relative to |λ| (``flowsim.spectrum``): 1e-8,
+    or 1000 ε of a dtype too coarse for it (float32: 1.2e-4), where the Hessian-vector product's
+    own round-off would keep the residual above 1e-8."""
+    return max(1e-8, 1000 * torch.finfo(dtype).eps)
+
+
+def sharpness(problem: Problem, theta: Tensor, start: Tensor, k: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The top k eigenvalues of ∇²L at θ (P,), descending, by ``spectrum.top_eigenpairs`` started
+    from `start` (P, b): (values (k,), the subspace to start from next (P, b), the Hessian-vector
+    products taken, whether it converged), the last two as 0-d tensors (so members stack)."""
+    found = top_eigenpairs(HessianOperator(problem, theta), start, k, tol=sharpness_tolerance(theta.dtype))
+    return found.values, found.subspace, torch.tensor(found.matvecs), torch.tensor(found.converged)
 
 
 def _each(fn, theta: Tensor, *others: Tensor | None):
@@ -142,18 +173,25 @@ class Recorder:
         self.n_written = 0  # rows of those already in the store
         self.last_flush = _time.perf_counter()
         self.seed = seed
-        self._sharp_vector: Tensor | None = None
+        #: the top k Hessian eigenvalues observed (0: no sharpness), and the subspace (…, P, b)
+        #: the eigen-solver starts from at the next save point (None: a seeded random one)
+        self.sharpness_k = sharpness_k(observe)
+        if self.sharpness_k > problem.n_params:
+            raise ConfigError(
+                f"run.observe: got sharpness:{self.sharpness_k}; expected at most the model's {problem.n_params} parameters"
+            )
+        self._sharp_subspace: Tensor | None = None
         self.store = store
         #: the names of the integrator's statistics (``SavePoint.stats``), each a variable along time
         self.stats: tuple[str, ...] = ()
 
     def state(self) -> dict[str, Any]:
         """What the observers carry from one save point to the next (for checkpoints)."""
-        return {"sharp_vector": self._sharp_vector}
+        return {"sharpness_subspace": self._sharp_subspace}
 
     def restore(self, n_saved: int, state: dict[str, Any]) -> None:
         """Continue a run whose first `n_saved` rows are in the store, with the observers' `state`."""
-        self._sharp_vector = state.get("sharp_vector")
+        self._sharp_subspace = state.get("sharpness_subspace")
         if isinstance(self.store, NetCDFStore) and n_saved:  # rewritten whole at each flush: held in memory
             rows = open_record(self.store.path).isel(time=slice(0, n_saved))
             for name, var in rows.variables.items():
@@ -199,11 +237,8 @@ class Recorder:
         if "grad_norm" in self.observe:
             full = grad.add(theta, alpha=problem.weight_decay) if problem.weight_decay else grad
             row["grad_norm"] = full.norm(dim=-1)
-        if "sharpness" in self.observe:
-            if self._sharp_vector is None:  # seeded, so a run is the same every time
-                generator = torch.Generator().manual_seed(self.seed)
-                self._sharp_vector = torch.randn(theta.shape, generator=generator, dtype=theta.dtype).to(theta.device)
-            row["sharpness"], self._sharp_vector = _each(lambda t, v: sharpness(problem, t, start=v), theta, self._sharp_vector)
+        if self.sharpness_k:
+            self._observe_sharpness(row, theta)
         if "params" in self.observe:
             row["params"] = theta.clone()
         if not _finite(row):
@@ -212,6 +247,24 @@ class Recorder:
         if len(self.pending) >= self.flush_every or _time.perf_counter() - self.last_flush > self.flush_seconds:
             self.flush()
         return True
+
+    def _observe_sharpness(self, row: dict[str, Any], theta: Tensor) -> None:
+        """The top k eigenvalues of ∇²L at θ (each member's), warm-started from the subspace of the
+        last save point (the first: k + 2 seeded random vectors, so a run is the same every time)."""
+        k, n = self.sharpness_k, theta.shape[-1]
+        if self._sharp_subspace is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            shape = (*theta.shape, min(k + 2, n))
+            self._sharp_subspace = torch.randn(shape, generator=generator, dtype=theta.dtype).to(theta.device)
+        values, self._sharp_subspace, matvecs, converged = _each(lambda t, s: sharpness(self.problem, t, s, k), theta, self._sharp_subspace)
+        if not bool(converged.all()):
+            warnings.warn(
+                f"sharpness: the eigen-solver stopped before its tolerance at t={float(row['time']):g}; the values recorded are its best estimates",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        row["sharpness"] = values[..., 0] if k == 1 else values
+        row["sharpness_matvecs"] = matvecs
 
     def flush(self) -> None:
         """Move pending rows to host memory (one device sync) and write them to the store; a zarr
@@ -276,9 +329,16 @@ class Recorder:
         }
         if "velocity_sq" in cols:
             data["velocity_sq"] = (("time", *lead, "quantity"), cols["velocity_sq"])
-        for name in ("loss", "grad_norm", "sharpness"):
+        for name in ("loss", "grad_norm"):
             if name in self.observe:
                 data[name] = (("time", *lead), cols.get(name, np.zeros((n, *shape))))
+        if self.sharpness_k:
+            eigen = () if self.sharpness_k == 1 else ("eigen",)
+            empty = np.zeros((n, *shape, *([self.sharpness_k] if eigen else [])))
+            data["sharpness"] = (("time", *lead, *eigen), cols.get("sharpness", empty))
+            data["sharpness_matvecs"] = (("time", *lead), cols.get("sharpness_matvecs", np.zeros((n, *shape))).astype(np.int64))
+            if eigen:
+                coords["eigen"] = ("eigen", np.arange(self.sharpness_k))
         data["nfe"] = ("time", cols.get("nfe", np.zeros(n)).astype(np.int64))
         data["wall_time"] = ("time", cols.get("wall_time", np.zeros(n)).astype(np.float64))
         for name in self.stats:
