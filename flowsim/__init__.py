@@ -11,7 +11,7 @@ from .errors import ConfigError, DataError, FlowsimError, IntegrationError, Mode
 from . import data, laws, models, integrators
 from . import theory
 from .problem import Problem
-from .dynamics import DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
+from .dynamics import CentralFlow, DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
 from .integrators import ODE, RK, SDE, Discrete, Exponential, FusedEulerMaruyama, SciPy
 from .laws import Law
 from .simulation import simulate
@@ -42,6 +42,7 @@ __all__ = [
     "ModifiedFlow",
     "MomentumFlow",
     "SGDNoise",
+    "CentralFlow",
     "RK",
     "ODE",
     "SciPy",

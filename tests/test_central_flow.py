@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flowsim as fs
-from flowsim.central import CentralFlow, _smat, _svec_np, solve_sdcp
+from flowsim.dynamics.central import CentralFlow, _smat, _svec_np, solve_sdcp
 from flowsim.integrators import ODE
 from flowsim.spectrum import HessianOperator, top_eigenpairs
 

@@ -69,10 +69,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dynamics import ContinuousDynamics
-from .errors import ConfigError, IntegrationError, check_field
-from .problem import Problem
-from .spectrum import HessianOperator, top_eigenpairs
+from ..errors import ConfigError, IntegrationError, check_field
+from ..problem import Problem
+from ..spectrum import HessianOperator, top_eigenpairs
+from .base import ContinuousDynamics
 
 
 class EdgeState(NamedTuple):
