@@ -52,6 +52,7 @@ import flowsim as fs
 from flowsim.integrators import ODE, FusedEulerMaruyama
 
 from conftest import build_problem
+from test_sweep import CONFIG
 
 TESTS = Path(__file__).resolve().parent
 
@@ -498,30 +499,13 @@ def test_sigkill_then_flowsim_run_resume_is_the_uninterrupted_run(point, counts,
 
 # ------------------------------------------------------------------ sweeps, in subprocesses
 
-SWEEP_CONFIG = """
-[model]
-name = "mlp.mlp"
-depth = 1
-width = 4
-[data]
-name = "teacher_student"
-n = 32
-in_features = 8
-hidden = 8
-[problem]
-loss = "mse"
-weight_decay = 1e-3
-[dynamics]
-name = "DiscreteSGD"
-lr = 0.25
-batch_size = 8
-momentum = 0.5
-[run]
-t1 = 3.0
-save_every = 1.0
-checkpoint_every = 0.0
-dtype = "float64"
-"""
+#: test_sweep's config, with weight decay, mini-batches and momentum, checkpointed at every point
+SWEEP_CONFIG = (
+    CONFIG.replace('loss = "mse"', 'loss = "mse"\nweight_decay = 1e-3')
+    .replace("lr = 0.5", "lr = 0.25\nbatch_size = 8\nmomentum = 0.5")
+    .replace("t1 = 30.0", "t1 = 3.0")
+    .replace("save_every = 10.0", "save_every = 1.0\ncheckpoint_every = 0.0")
+)
 SWEEP_OVER = {"seed": [0, 1]}
 
 #: a subprocess that runs sweeps on one cluster (a LocalCluster of one worker process, or with

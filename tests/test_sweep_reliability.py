@@ -21,26 +21,7 @@ from flowsim.sweeps import sweep
 distributed = pytest.importorskip("distributed")
 psutil = pytest.importorskip("psutil")
 
-CONFIG = """
-[model]
-name = "mlp.mlp"
-depth = 1
-width = 4
-[data]
-name = "teacher_student"
-n = 32
-in_features = 8
-hidden = 8
-[problem]
-loss = "mse"
-[dynamics]
-name = "DiscreteSGD"
-lr = 0.5
-[run]
-t1 = 30.0
-save_every = 10.0
-dtype = "float64"
-"""
+from test_sweep import CONFIG  # noqa: E402  (after the importorskips)
 #: runs of 10⁶ steps: still running when the test kills the sweep
 LONG = (
     CONFIG.replace("lr = 0.5", "lr = 0.001")
