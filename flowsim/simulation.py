@@ -157,8 +157,9 @@ def simulate(
 
     - `problem`: the model, data, loss and weight decay (`flowsim.Problem`).
     - `dynamics`: `GradientFlow()`, `DiscreteSGD(lr, batch_size, momentum, ...)`, ...
-    - `integrator`: how to move it; None takes the dynamics' default (dopri5 for flows, the
-      step loop for SGD).
+    - `integrator`: how to move it; None takes the default for the dynamics' term
+      (flowsim.defaults: RK's dopri5 for flows, Exponential for MomentumFlow, the step loop for
+      SGD, FusedEulerMaruyama for the SDE).
     - `t1`, `save_every`: end time and save interval, in units of t = step · lr.
     - `laws`: ``"auto"`` (detected from the model's graph) or a list of `flowsim.Law`.
     - `observe`: extras beside the laws: ``"loss"``, ``"grad_norm"``, ``"sharpness"``, ``"params"``.
