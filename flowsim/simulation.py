@@ -184,7 +184,7 @@ def simulate(
       warns (RuntimeWarning) and returns its record; False returns it quietly (its ``status``
       says it); True raises IntegrationError with the status message.
 
-    **Returns** the run's `xarray.Dataset` (schema in flowsim.record), with
+    **Returns** the run's `xarray.Dataset` (schema: flowsim.record.schema), with
     ``attrs["status"]`` (a `flowsim.Status` value) "completed", or "diverged" (NaN/Inf, step-size
     underflow, max_steps) with ``status_message`` saying when and why; everything saved before a
     divergence is kept.

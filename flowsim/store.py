@@ -279,7 +279,7 @@ class NetCDFStore:
         os.replace(tmp, self.path)
 
 
-#: variables every record holds (flowsim.record's schema)
+#: variables every record holds (flowsim.record.schema)
 REQUIRED = ("value", "grad_sq", "nfe", "wall_time")
 
 
