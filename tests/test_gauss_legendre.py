@@ -156,15 +156,7 @@ def test_every_law_of_a_max_pool_relu_cnn_is_kept_at_any_step():
         assert drift[ds.law.values != "scale"].max() < 1e-11
         assert set(ds.law.values) == {"scale", "rescale", "translation"} and ds.kinked_steps[-1] > 0
         worst = max(worst, bound.max())
-    explicit = fs.simulate(
-        problem,
-        fs.GradientFlow(),
-        ODE("dopri5", rtol=1e-6, atol=1e-6),
-        t1=0.3,
-        save_every=0.1,
-        dtype=torch.float64,
-        progress=False,
-    )
+    explicit = run(problem, ODE("dopri5", rtol=1e-6, atol=1e-6), t1=0.3)
     drift = float(np.abs(explicit.flowsim.drift().values).max())
     print(
         f"dopri5 rtol 1e-6 to t=0.3: drift {drift:.1e}, {int(explicit.nfe[-1])} evaluations, {float(explicit.wall_time[-1]):.1f} s"
@@ -194,15 +186,7 @@ def test_attention_laws_are_kept():
     assert {"attention_qk", "attention_vo"} <= set(ds.law.values)
     print(f"attention: drift {drift.max():.1e}, bound {bound.max():.1e}")
     assert (drift <= bound).all() and drift.max() < 1e-11
-    explicit = fs.simulate(
-        problem,
-        fs.GradientFlow(),
-        ODE("dopri5", rtol=1e-6, atol=1e-6),
-        t1=1.0,
-        save_every=0.5,
-        dtype=torch.float64,
-        progress=False,
-    )
+    explicit = run(problem, ODE("dopri5", rtol=1e-6, atol=1e-6), save_every=0.5)
     attention = np.isin(explicit.law.values, ["attention_qk", "attention_vo"])
     assert float(np.abs(explicit.flowsim.drift().values[:, attention]).max()) > 1e3 * bound.max()
 
