@@ -116,3 +116,13 @@ def test_every_integrator_declares_its_term_and_order(name):
     cls = INTEGRATORS[name]
     assert issubclass(cls.term, Term)
     assert hasattr(cls, "order")
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists its packages by name: a new subpackage missing there would import
+    from a checkout (editable install) and be absent from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(init) for folder in PACKAGES for init in (ROOT / folder).rglob("__init__.py")}
+    assert found == listed
