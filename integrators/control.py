@@ -1,7 +1,10 @@
-"""The step-size controller every adaptive loop uses (RK's host and device loops, Exponential)."""
+"""The step-size control every adaptive loop uses: the controller (RK's host and device loops,
+Exponential, GaussLegendre), and the error ratio and first step of the loops that land on every
+save time (Exponential, GaussLegendre)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,4 +40,22 @@ class StepSizeController:
         return h * torch.where(ratio == 0, self.ifactor, factor.clamp(max=self.ifactor))
 
 
-__all__ = ["StepSizeController"]
+def error_ratio(
+    error: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float, norm: Callable[[Tensor], Tensor] | None = None
+) -> float:
+    """‖e / (atol + rtol·max(|y|, |y_new|))‖: the RMS over every entry, or `norm` (a term's own,
+    e.g. an ensemble's worst member); the step is accepted when it is at most 1."""
+    scaled = error / torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
+    return float(norm(scaled) if norm is not None else scaled.square().mean().sqrt())
+
+
+def initial_step(y: Tensor, f0: Tensor, span: float, rtol: float, atol: float) -> float:
+    """Hairer's first guess 0.01·|y|/|f(y)| in the error norm's scale, at most `span`."""
+    scale = y.abs().mul(rtol).add_(atol)
+    d0 = float((y / scale).square().mean().sqrt())
+    d1 = float((f0 / scale).square().mean().sqrt())
+    guess = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    return min(guess, span)
+
+
+__all__ = ["StepSizeController", "error_ratio", "initial_step"]

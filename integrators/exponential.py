@@ -37,7 +37,7 @@ from flowsim.errors import ConfigError, IntegrationError, check_field
 from flowsim.terms import Semilinear, VectorField
 
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
-from .control import StepSizeController
+from .control import StepSizeController, error_ratio, initial_step
 
 #: the step-size control of the fourth-order estimate: grow at most 5× a step, shrink at most 5×
 CONTROLLER = StepSizeController(order=4, safety=0.9, ifactor=5.0, dfactor=0.2)
@@ -265,7 +265,7 @@ class Exponential(Integrator):
                 if n1 is None:
                     n1 = f(t, y)
                     if h is None:
-                        h = self.first_step or self._initial_step(y, n1, target - t)
+                        h = self.first_step or initial_step(y, n1, target - t, self.rtol, self.atol)
                 step = min(h, target - t)
                 if target - t - step <= 1e-12 * max(1.0, abs(target)):
                     step = target - t
@@ -275,7 +275,7 @@ class Exponential(Integrator):
                         raise IntegrationError(f"Exponential: non-finite state after the step from t={t:g}")
                     accept = True
                 else:
-                    ratio = float(self._error_norm(error, y, y_new))
+                    ratio = error_ratio(error, y, y_new, self.rtol, self.atol)
                     accept = ratio <= 1.0  # False for NaN
                     proposal = CONTROLLER.next(step, ratio) if math.isfinite(ratio) else step * CONTROLLER.dfactor
                     # a step cut short to land on a save time does not shrink the next one
@@ -302,18 +302,6 @@ class Exponential(Integrator):
         y_new = f.apply((e1, y), *zip(b, n))
         n_new = f(t + h, y_new)
         return y_new, n_new, f.apply((b[f.tableau.estimate], n_new - n[f.tableau.estimate]))
-
-    def _error_norm(self, error: Tensor, y: Tensor, y_new: Tensor) -> Tensor:
-        scale = torch.maximum(y.abs(), y_new.abs()).mul_(self.rtol).add_(self.atol)
-        return (error / scale).square().mean().sqrt()
-
-    def _initial_step(self, y: Tensor, n1: Tensor, span: float) -> float:
-        """Hairer's first guess 0.01·|y|/|N(y)| in the error norm's scale, at most the span."""
-        scale = y.abs().mul(self.rtol).add_(self.atol)
-        d0 = float((y / scale).square().mean().sqrt())
-        d1 = float((n1 / scale).square().mean().sqrt())
-        guess = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        return min(guess, span)
 
 
 __all__ = ["Exponential", "phi_functions"]

@@ -52,7 +52,7 @@ from flowsim.errors import IntegrationError, bad_value, check_field
 from flowsim.terms import Semilinear, VectorField
 
 from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
-from .control import StepSizeController
+from .control import StepSizeController, error_ratio, initial_step
 from .ode import check_rtol
 
 #: the longest extrapolation of the previous step's polynomial, in its step lengths (a step cut
@@ -470,6 +470,7 @@ class GaussLegendre(Integrator):
         stages = Collocation(self, term)
         counts, tab = stages.counts, stages.tableau
         adaptive = self.step_size is None
+        controller = StepSizeController(order=tab.stages + 1, ifactor=5.0)  # the embedded estimate is O(h^(s+1))
 
         def checkpoint(index: int) -> dict[str, Any]:
             return {
@@ -509,7 +510,7 @@ class GaussLegendre(Integrator):
                 if f0 is None and (adaptive or last is None):
                     f0 = stages.f(t, y)
                     if h is None:
-                        h = self.first_step or self._initial_step(y, f0, target - t)
+                        h = self.first_step or initial_step(y, f0, target - t, self.rtol, self.atol)
                 step = min(h, target - t)
                 if target - t - step <= 1e-12 * max(1.0, abs(target)):
                     step = target - t
@@ -534,9 +535,8 @@ class GaussLegendre(Integrator):
                     raise IntegrationError(f"GaussLegendre: non-finite state after the step from t={t:g}")
                 if adaptive:
                     error = step * (tab.gamma * f0 + stages.combine(stages.e, k))
-                    ratio = float(self._error_norm(term, error, y, y_new))
+                    ratio = error_ratio(error, y, y_new, self.rtol, self.atol, term.error_norm)
                     accept = ratio <= 1.0  # False for NaN
-                    controller = StepSizeController(order=tab.stages + 1, ifactor=5.0)  # the embedded estimate is O(h^(s+1))
                     proposal = controller.next(step, ratio) if math.isfinite(ratio) else step * controller.dfactor
                     # a step cut short to land on a save time does not shrink the next one
                     h = max(h, proposal) if accept and step < h else proposal
@@ -549,18 +549,6 @@ class GaussLegendre(Integrator):
                 residual = max(residual, r)
                 steps += 1
             yield point(target, index)
-
-    def _error_norm(self, term: VectorField, error: Tensor, y: Tensor, y_new: Tensor) -> Tensor:
-        scaled = error / torch.maximum(y.abs(), y_new.abs()).mul_(self.rtol).add_(self.atol)
-        return term.error_norm(scaled) if term.error_norm is not None else scaled.square().mean().sqrt()
-
-    def _initial_step(self, y: Tensor, f0: Tensor, span: float) -> float:
-        """Hairer's first guess 0.01·|y|/|f(y)| in the error norm's scale, at most the span."""
-        scale = y.abs().mul(self.rtol).add_(self.atol)
-        d0 = float((y / scale).square().mean().sqrt())
-        d1 = float((f0 / scale).square().mean().sqrt())
-        guess = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        return min(guess, span)
 
 
 __all__ = ["GaussLegendre", "GaussTableau", "TABLEAUS", "Collocation", "gmres"]
