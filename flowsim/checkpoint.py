@@ -10,6 +10,8 @@ A run with ``out="run.zarr"`` (or ``.nc``) keeps ``run.zarr.ckpt`` while it can 
 - ``integrator``: the ``SavePoint.checkpoint`` of row n_saved − 1 (integrators.base: θ, the
   momentum buffer, the Runge–Kutta state, step and evaluation counters, …); None: from t = 0;
 - ``recorder``: the observers' own state (the eigen-solver's subspace of ``sharpness``);
+- ``term``: what the term's field carries between evaluations at that save point
+  (``terms.Memory``: the central flow's warm starts); None where it carries nothing;
 - ``wall_time``: the seconds the run had taken (a resumed run's ``wall_time`` goes on from it).
 
 It is written with ``torch.save`` to a temporary file, fsync'ed, then renamed over the old one
@@ -76,6 +78,7 @@ class Checkpoint:
     integrator: dict[str, Any] | None
     recorder: dict[str, Any]
     wall_time: float
+    term: dict[str, Any] | None = None
 
 
 def save(path: Path, checkpoint: Checkpoint) -> None:
@@ -105,6 +108,7 @@ def load(path: Path, device: torch.device) -> Checkpoint:
             payload["integrator"],
             payload["recorder"],
             float(payload["wall_time"]),
+            payload.get("term"),
         )
     except Exception as exc:
         raise RecordError(f"run.resume: {str(path)!r} is not a readable flowsim checkpoint ({type(exc).__name__}: {exc})") from exc

@@ -29,7 +29,7 @@ from .record import Recorder, check_observe, json_attr
 from .store import NetCDFStore, ZarrStore, check_output_path, check_output_state, checkpoint_path, open_record, remove_checkpoint, replace, staging_path
 from .store import remove as remove_store
 from .status import Status
-from .terms import StepMap
+from .terms import Memory, StepMap
 from .toml import run_toml
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -268,11 +268,13 @@ def simulate(
         if target is not None and target != out_path:
             remove_store(target)  # left by an overwrite that was killed
         store = None if target is None else ZarrStore(target, len(grid.times)) if out_path.suffix == ".zarr" else NetCDFStore(target)
-        recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, store, members=members, seed=seed)
-        run = _Checkpointer(None if store is None else store.path, identity, recorder, checkpoint_every, start)
+        recorder = Recorder(problem, law_set, observe, theta0, coords, attrs, store, members=members, seed=seed, dynamics_observe=term.observe)
+        run = _Checkpointer(None if store is None else store.path, identity, recorder, checkpoint_every, start, term.memory)
         if start is not None:
             _check_saved_rows(out_path, start.n_saved)
             recorder.restore(start.n_saved, start.recorder)
+            if term.memory is not None and start.term is not None:
+                term.memory.restore(start.term)
 
         # --- 4. integrate, recording at every save point and checkpointing now and then
         from tqdm.auto import tqdm
@@ -356,10 +358,13 @@ class _Checkpointer:
     """Writes the checkpoint of `out` (flowsim.checkpoint) every `every` seconds of a run, at
     its last recorded save point, after the rows up to it are in the store."""
 
-    def __init__(self, out: Path | None, identity: dict, recorder: Recorder, every: float, start: ckpt.Checkpoint | None) -> None:
+    def __init__(
+        self, out: Path | None, identity: dict, recorder: Recorder, every: float, start: ckpt.Checkpoint | None, memory: Memory | None
+    ) -> None:
         self.out, self.path = out, None if out is None else ckpt.checkpoint_path(out)
-        self.identity, self.recorder, self.every = identity, recorder, every
+        self.identity, self.recorder, self.every, self.memory = identity, recorder, every, memory
         self.last = None if start is None else start.integrator  # integrator checkpoint of the last recorded point
+        self.last_memory = None if start is None else start.term  # the term's memory there
         self.n_saved = 0 if start is None else start.n_saved
         self.started = _time.perf_counter() - (0.0 if start is None else start.wall_time)
         self.written = _time.perf_counter()
@@ -374,6 +379,7 @@ class _Checkpointer:
         """`point` is recorded: checkpoint there if it is time to."""
         if point.checkpoint is not None:
             self.last, self.n_saved = point.checkpoint, point.checkpoint["index"] + 1
+            self.last_memory = None if self.memory is None else self.memory.state()
         if self.path is not None and _time.perf_counter() - self.written >= self.every:
             self.write()
 
@@ -381,7 +387,7 @@ class _Checkpointer:
         if self.path is None:
             return
         self.recorder.flush()
-        state = ckpt.Checkpoint(self.identity, self.n_saved, self.last, self.recorder.state(), self.wall_time())
+        state = ckpt.Checkpoint(self.identity, self.n_saved, self.last, self.recorder.state(), self.wall_time(), self.last_memory)
         ckpt.save(self.path, state)
         self.written = _time.perf_counter()
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -30,11 +30,31 @@ from torch import Tensor
 Members = tuple[str, int]
 
 
+class Memory(Protocol):
+    """What a term's field carries from one evaluation to the next (e.g. an eigen-solver's warm
+    start). A checkpoint keeps ``state()`` at its save point and a resume hands it to
+    ``restore``, so the resumed run evaluates as the uninterrupted one did, to the bit. The
+    state's tensors are replaced between evaluations, never changed in place."""
+
+    def state(self) -> dict[str, Tensor | None]: ...
+
+    def restore(self, state: dict[str, Tensor | None]) -> None: ...
+
+
 @dataclass(kw_only=True)
 class Term:
-    """What a dynamics hands an integrator. `members`: (dim, K) when θ is a (K, P) batch."""
+    """What a dynamics hands an integrator.
+
+    - `members`: (dim, K) when θ is a (K, P) batch.
+    - `memory`: what its field carries between evaluations (``Memory``; None: nothing).
+    - `observe(θ)`: the dynamics' own quantities at a save point, each a 0-d tensor recorded as
+      a variable along time (the central flow's predictions of GD's averages; None: none). It
+      leaves `memory` as it found it, so recording never changes the run.
+    """
 
     members: Members | None = None
+    memory: Memory | None = None
+    observe: Callable[[Tensor], dict[str, Tensor]] | None = None
 
 
 @dataclass(kw_only=True)
@@ -155,4 +175,4 @@ class SavePoint:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-__all__ = ["SaveGrid", "SavePoint", "Members", "Term", "VectorField", "Semilinear", "Noise", "StepMap", "StepResult"]
+__all__ = ["SaveGrid", "SavePoint", "Members", "Memory", "Term", "VectorField", "Semilinear", "Noise", "StepMap", "StepResult"]

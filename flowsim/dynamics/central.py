@@ -51,13 +51,16 @@ edge), squared gradient norm |θ'|² + Σ_i λ_i² S_ii.
 - Only GD: the paper's RMSProp and the heavy-ball flows have a state-dependent preconditioner P
   (A = 2P − H); this class is the case P = I/η and would take P as another term.
 
-Not yet: its state across evaluations (the warm-start subspace, the last S) is not in
-checkpoints, so a resumed central-flow run equals the uninterrupted one to the eigen-solver's
-tolerance, not bit for bit.
+What it carries from one evaluation to the next (the eigen-solver's subspace, the last S: its
+warm starts) is the term's memory (``EdgeMemory``), one per run: a checkpoint keeps it, so a
+resumed run equals the uninterrupted one bit for bit. At each save point the record gets the
+predictions above as variables (``predicted_loss``, ``predicted_grad_sq``, ``sigma_trace``),
+evaluated from a copy of that memory so that recording never changes the run.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -72,6 +75,7 @@ from torch import Tensor
 from ..errors import ConfigError, IntegrationError, check_field
 from ..problem import Problem
 from ..spectrum import HessianOperator, top_eigenpairs
+from ..terms import VectorField
 from .base import ContinuousDynamics
 
 
@@ -134,7 +138,6 @@ class CentralFlow(ContinuousDynamics):
         check_field(self, "dynamics", "k", integer=True, minimum=1)
         check_field(self, "dynamics", "relaxation", minimum=0.0, exclusive_minimum=True)
         check_field(self, "dynamics", "tol", minimum=0.0, exclusive_minimum=True, maximum=1e-2)
-        object.__setattr__(self, "_warm", {})  # not a field: the eigen-solver's last subspace, the last S
 
     def coords(self) -> dict[str, float | int]:
         return {"lr": self.lr}
@@ -150,8 +153,31 @@ class CentralFlow(ContinuousDynamics):
         """2/η: where GD's sharpness stops rising."""
         return 2.0 / self.lr
 
+    def term(self, problem: Problem, theta0: Tensor) -> VectorField:
+        """θ' = −(g + ½∇³L[Σ]) from θ0, warm-started from its own ``EdgeMemory``; at a save point
+        it observes GD's predicted averages (``EdgeState``) from a copy of that memory."""
+        memory = EdgeMemory()
+
+        def observe(theta: Tensor) -> dict[str, Tensor]:
+            state = self.edge(problem, theta, copy.copy(memory))
+            return {
+                "predicted_loss": state.predicted_loss,
+                "predicted_grad_sq": state.predicted_grad_norm_sq,
+                "sigma_trace": state.sigma_trace,
+            }
+
+        return VectorField(
+            f=lambda t, y: self.edge(problem, y, memory).velocity,
+            y0=theta0.clone(),
+            split=functools.partial(self.split, problem),
+            members=problem.members,
+            error_norm=problem.error_norm,
+            memory=memory,
+            observe=observe,
+        )
+
     def derivative(self, problem: Problem, t: Tensor, y: Tensor) -> Tensor:
-        """θ' = −(g + ½∇³L[Σ])."""
+        """θ' = −(g + ½∇³L[Σ]), from a cold start."""
         return self.edge(problem, y).velocity
 
     def predicted_loss(self, problem: Problem, theta: Tensor) -> Tensor:
@@ -162,17 +188,19 @@ class CentralFlow(ContinuousDynamics):
         """tr Σ(θ), the variance of GD's oscillation around θ."""
         return self.edge(problem, theta).sigma_trace
 
-    def edge(self, problem: Problem, theta: Tensor) -> EdgeState:
-        """Everything the central flow computes at θ (P,): EdgeState. `problem` is a Problem, or
-        any object with its ``loss_and_grad``, ``per_example_losses`` and ``weight_decay``."""
+    def edge(self, problem: Problem, theta: Tensor, memory: EdgeMemory | None = None) -> EdgeState:
+        """Everything the central flow computes at θ (P,): EdgeState, warm-started from `memory`
+        and leaving its own solution there (None: a cold start). `problem` is a Problem, or any
+        object with its ``loss_and_grad``, ``per_example_losses`` and ``weight_decay``."""
         if theta.ndim != 1:
             raise ConfigError(f"dynamics: CentralFlow runs one θ of shape (P,); got {tuple(theta.shape)} (no ensembles or paths)")
         lam = problem.weight_decay
         loss, grad = problem.loss_and_grad(theta)
         g = grad.add(theta, alpha=lam) if lam else grad
+        memory = EdgeMemory() if memory is None else memory
         hessian = HessianOperator(problem, theta)
-        eig = top_eigenpairs(hessian, self._start(theta), self.k, tol=self.tol)
-        self._warm["subspace"] = eig.subspace
+        eig = top_eigenpairs(hessian, self._start(theta, memory), self.k, tol=self.tol)
+        memory.subspace = eig.subspace
         values, u = eig.values, eig.vectors
         guards = eig.guard_values
         if len(guards) and float(guards[0]) + lam > self.edge_value:
@@ -188,30 +216,47 @@ class CentralFlow(ContinuousDynamics):
             sigma, velocity = torch.zeros_like(q), g.neg()
         else:
             f = d * weights.to(d)[:, None]  # svec: ∇³L[Σ] = Σ_ij S_ij d_ij = Fᵀ svec(S), f_(ij) = c_ij d_ij
-            x = solve_sdcp(_svec_np(q.cpu().numpy()), 0.5 * (f @ f.T).cpu().numpy(), self._previous_x(u))
+            x = solve_sdcp(_svec_np(q.cpu().numpy()), 0.5 * (f @ f.T).cpu().numpy(), _previous_x(memory, u))
             sigma = torch.as_tensor(_smat(x, self.k), dtype=theta.dtype, device=theta.device)
             velocity = (g + 0.5 * (f.T @ torch.as_tensor(x, dtype=theta.dtype, device=theta.device))).neg_()
-            self._warm["sigma"], self._warm["u"] = sigma, u
+            memory.sigma, memory.vectors = sigma, u
         diagonal = sigma.diagonal()
         predicted_loss = loss + 0.5 * (values * diagonal).sum()
         predicted_grad = velocity.square().sum() + ((values + lam).square() * diagonal).sum()
         return EdgeState(loss, g, values, u, sigma, velocity, predicted_loss, predicted_grad, eig.matvecs)
 
-    def _start(self, theta: Tensor) -> Tensor:
-        """The eigen-solver's start: the previous evaluation's subspace, or k + 2 seeded random vectors."""
-        previous = self._warm.get("subspace")
+    def _start(self, theta: Tensor, memory: EdgeMemory) -> Tensor:
+        """The eigen-solver's start: the last evaluation's subspace, or k + 2 seeded random vectors."""
+        previous = memory.subspace
         if previous is not None and previous.shape[0] == theta.numel() and previous.dtype == theta.dtype:
             return previous.to(theta.device)
         generator = torch.Generator().manual_seed(0)
         return torch.randn(theta.numel(), self.k + 2, generator=generator, dtype=theta.dtype).to(theta.device)
 
-    def _previous_x(self, u: Tensor) -> np.ndarray | None:
-        """The last S, turned into the new eigenvector basis (UᵀU_old S U_oldᵀU), as svec: the SDCP's warm start."""
-        sigma, old = self._warm.get("sigma"), self._warm.get("u")
-        if sigma is None or old.shape != u.shape:
-            return None
-        overlap = u.T @ old
-        return _svec_np((overlap @ sigma @ overlap.T).cpu().numpy())
+
+class EdgeMemory:
+    """What the central flow carries from one evaluation to the next (a ``terms.Memory``): the
+    eigen-solver's last subspace (P, k + 2) and the last S with its eigenvectors U (the SDCP's
+    warm start). Each evaluation replaces them; none is changed in place."""
+
+    def __init__(self) -> None:
+        self.subspace: Tensor | None = None
+        self.sigma: Tensor | None = None
+        self.vectors: Tensor | None = None
+
+    def state(self) -> dict[str, Tensor | None]:
+        return {"subspace": self.subspace, "sigma": self.sigma, "vectors": self.vectors}
+
+    def restore(self, state: dict[str, Tensor | None]) -> None:
+        self.subspace, self.sigma, self.vectors = state["subspace"], state["sigma"], state["vectors"]
+
+
+def _previous_x(memory: EdgeMemory, u: Tensor) -> np.ndarray | None:
+    """The last S turned into the new eigenvector basis (UᵀU_old S U_oldᵀU), as svec: the SDCP's warm start."""
+    if memory.sigma is None or memory.vectors.shape != u.shape:
+        return None
+    overlap = u.T @ memory.vectors
+    return _svec_np((overlap @ memory.sigma @ overlap.T).cpu().numpy())
 
 
 def _symmetric(values: Tensor, i: Tensor, j: Tensor, k: int) -> Tensor:

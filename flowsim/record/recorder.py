@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time as _time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..problem import Problem
 from ..store import NetCDFStore, ZarrStore, open_record
 from ..terms import SavePoint
 from .observers import all_finite, per_member, sharpness
-from .schema import STATS, VARIABLES, sharpness_k
+from .schema import DYNAMICS_VARIABLES, STATS, VARIABLES, sharpness_k
 
 
 class Recorder:
@@ -38,6 +39,7 @@ class Recorder:
         members: tuple[str, int] | None = None,
         *,
         seed: int = 0,
+        dynamics_observe: Callable[[Tensor], dict[str, Tensor]] | None = None,
     ) -> None:
         self.problem, self.laws, self.observe = problem, laws, observe
         #: (dim, K) when θ is a (K, P) batch of independent members (e.g. ("path", K)), else None
@@ -63,6 +65,9 @@ class Recorder:
         self.store = store
         #: the names of the integrator's statistics (``SavePoint.stats``), each a variable along time
         self.stats: tuple[str, ...] = ()
+        #: the dynamics' own quantities at a save point (``Term.observe``), each a variable along time
+        self.dynamics_observe = dynamics_observe
+        self.observed: tuple[str, ...] = ()
 
     def state(self) -> dict[str, Any]:
         """What the observers carry from one save point to the next (for checkpoints)."""
@@ -118,6 +123,12 @@ class Recorder:
             row["grad_norm"] = full.norm(dim=-1)
         if self.sharpness_k:
             self._observe_sharpness(row, theta)
+        if self.dynamics_observe is not None:
+            observed = self.dynamics_observe(theta)
+            if observed.keys() & row.keys() or observed.keys() - DYNAMICS_VARIABLES:
+                raise ValueError(f"Term.observe: {sorted(observed)} are not the schema's dynamics variables {sorted(DYNAMICS_VARIABLES)}")
+            self.observed = tuple(observed)
+            row.update(observed)
         if "params" in self.observe:
             row["params"] = theta.clone()
         if not all_finite(row):
@@ -220,7 +231,7 @@ class Recorder:
                 coords["eigen"] = ("eigen", np.arange(self.sharpness_k))
         data["nfe"] = ("time", cols.get("nfe", np.zeros(n)).astype(np.int64))
         data["wall_time"] = ("time", cols.get("wall_time", np.zeros(n)).astype(np.float64))
-        for name in self.stats:
+        for name in (*self.stats, *self.observed):
             data[name] = ("time", cols.get(name, np.zeros(n)))
         if "params" in self.observe:
             data["params"] = (("time", *lead, "parameter"), cols.get("params", np.zeros((n, *shape, self.problem.n_params))))

@@ -4,7 +4,8 @@ long_name and units.
 Dims ``time`` and ``quantity`` (one entry per law component); ``value``/``grad_sq``/
 ``velocity_sq`` (time, quantity); ``loss``, ``grad_norm``, ``nfe``, ``wall_time``, optional
 ``sharpness`` (time, or (time, eigen) for the top k > 1 eigenvalues) and ``sharpness_matvecs``
-(time); optional ``params`` (time, parameter); an integrator's statistics (``STATS``) along time.
+(time); optional ``params`` (time, parameter); an integrator's statistics (``STATS``) and the
+dynamics' own quantities (``DYNAMICS_VARIABLES``: the central flow's predictions) along time.
 Coords ``time``, ``step`` (time) and ``law``, ``site``, ``component``, ``exact``, ``scale``
 (quantity); hyper-parameters that vary between runs as scalar coords. Attrs hold strings and
 numbers only; structured ones are JSON (``json_attr``).
@@ -49,6 +50,9 @@ VARIABLES: dict[str, dict[str, str]] = {
     "residual": {"long_name": "largest final residual of the stage equations since the last save point"},
     "jacobian_products": {"long_name": "cumulative Jacobian-vector products of the Newton iterations"},
     "kinked_steps": {"long_name": "cumulative steps solved on a frozen smooth piece of a non-smooth flow (ReLU, max-pool)"},
+    "predicted_loss": {"long_name": "GD's time-averaged loss as the central flow predicts it, L(θ) + ½⟨∇²L, Σ⟩"},
+    "predicted_grad_sq": {"long_name": "GD's time-averaged |∇L_λ|² as the central flow predicts it, |θ'|² + Σ_i (λ_i + λ)² S_ii"},
+    "sigma_trace": {"long_name": "tr Σ, the variance of GD's oscillation around θ (central flow)"},
     "params": {"long_name": "flat parameter vector θ"},
     "time": {"long_name": "training time", "units": "t = step * lr"},
     "step": {"long_name": "integrator steps taken (SGD steps for discrete dynamics)"},
@@ -75,6 +79,9 @@ VARIABLES: dict[str, dict[str, str]] = {
 
 #: the integrators' statistics the schema describes (``SavePoint.stats``)
 STATS = {"rejected_steps", "iterations", "newton_iterations", "residual", "jacobian_products", "kinked_steps"}
+
+#: the dynamics' own quantities the schema describes (``Term.observe``: the central flow's)
+DYNAMICS_VARIABLES = {"predicted_loss", "predicted_grad_sq", "sigma_trace"}
 
 
 def check_observe(observe: Sequence[str]) -> tuple[str, ...]:
