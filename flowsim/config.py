@@ -80,12 +80,15 @@ def _call_with(fn: Callable, section: str, args: Mapping[str, Any]) -> Any:
 
 def _check_like_default(field: str, value: Any, default: Any) -> None:
     """A key whose default is a bool, a number or a string takes a value of that kind (an int
-    where the default is a float too); other checks are the function's own."""
+    where the default is a float too; true or false too where the default is "auto", a switch
+    the library decides unless told, as RK's compile); other checks are the function's own."""
     if isinstance(default, bool):
         expected, ok = "true or false", isinstance(value, bool)
     elif isinstance(default, (int, float)):
         kind = int if isinstance(default, int) else (int, float)
         expected, ok = ("an integer" if kind is int else "a number"), isinstance(value, kind) and not isinstance(value, bool)
+    elif isinstance(default, str) and default == "auto":
+        expected, ok = 'true, false or a string', isinstance(value, (bool, str))
     elif isinstance(default, str):
         expected, ok = "a string", isinstance(value, str)
     else:

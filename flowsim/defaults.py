@@ -6,13 +6,16 @@ an integrator takes the term a dynamics hands it.
 | StepMap     | Discrete()                                              |
 | Noise       | FusedEulerMaruyama(dt = the dynamics' time step η)      |
 | Semilinear  | Exponential(rtol = atol = 1e-6): exact on the stiff linear part |
-| VectorField | RK("dopri5", rtol = atol = 1e-6): torchdiffeq's dopri5, fused  |
+| VectorField | RK("dopri5", rtol = atol = 1e-6, compile = "auto"): torchdiffeq's dopri5, fused |
 
 The tolerance 1e-6 is for exploration: ReLU-type networks make the flow non-smooth, and an
 adaptive solver pays for every kink it resolves; tighten it for accuracy work. RK takes
 torchdiffeq's steps and evaluations (``ODE("dopri5")``, one ``integrator=`` away) at about a
-third less cost (benchmarks/peer_diffrax.py). The most specific row wins (a Semilinear term is a
-VectorField too).
+third less cost (benchmarks/peer_diffrax.py). compile="auto" compiles the gradient before the
+first step of a CPU solve long enough for compiling (~15 s) to pay, estimated from the inputs
+(``RK.work_estimate`` ≥ ``AUTO_COMPILE_FLOPS`` = 1e12 flops, ~30 s eager on 2 cores),
+and evaluates short ones eagerly; the record's integrator attr says which and why. The most
+specific row wins (a Semilinear term is a VectorField too).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ DEFAULTS: dict[type[Term], Callable[[Dynamics], Integrator]] = {
     StepMap: lambda dynamics: Discrete(),
     Noise: lambda dynamics: FusedEulerMaruyama(dt=dynamics.time_step),
     Semilinear: lambda dynamics: Exponential(rtol=1e-6, atol=1e-6),
-    VectorField: lambda dynamics: RK("dopri5", rtol=1e-6, atol=1e-6),
+    VectorField: lambda dynamics: RK("dopri5", rtol=1e-6, atol=1e-6, compile="auto"),
 }
 
 

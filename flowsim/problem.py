@@ -32,10 +32,17 @@ from .errors import DataError, ModelError, bad_value, check_number
 from .terms import Members
 
 
-def gradient_and_hvp(losses: Callable[[Tensor], Tensor], theta: Tensor, direction: Tensor | Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(ℓ, ∇_θ Σℓ, ∇²_θ Σℓ · d) for ℓ = losses(θ) (a scalar, or one loss per ensemble member), by
-    one forward, a backward that keeps its graph and a double backward: the one Hessian-vector
-    product of flowsim. `direction` is d, or a function of the (detached) gradient giving it.
+def gradient_and_hvp(
+    losses: Callable[[Tensor], Tensor],
+    theta: Tensor,
+    direction: Tensor | Callable[[Tensor], Tensor],
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(ℓ, ∇_θ Σℓ, ∇²_θ Σℓ · d) for ℓ = losses(θ) (a scalar, one loss per ensemble member, or
+    one per example), by one forward, a backward that keeps its graph and a double backward: the
+    one Hessian-vector product of flowsim. `direction` is d, or a function of the (detached)
+    gradient giving it. With `weights` w (shaped like ℓ) the last entry is
+    ∇²_θ Σℓ · d + ∇_θ Σ_j w_j ℓ_j: the double backward starts from both (SGDNoise's fused step).
 
     Double backward, not forward-over-reverse (``torch.func.jvp`` of the gradient needs the
     gradient first, so one more pass; ``benchmarks/hessian_vector.py``)."""
@@ -44,7 +51,8 @@ def gradient_and_hvp(losses: Callable[[Tensor], Tensor], theta: Tensor, directio
         loss = losses(leaf)
         (grad,) = torch.autograd.grad(loss.sum(), leaf, create_graph=True)
         d = direction(grad.detach()) if callable(direction) else direction
-        (hv,) = torch.autograd.grad(grad, leaf, d)
+        roots, cotangents = (grad, d) if weights is None else ((grad, loss), (d, weights))
+        (hv,) = torch.autograd.grad(roots, leaf, cotangents)
     return loss.detach(), grad.detach(), hv
 
 
@@ -380,10 +388,17 @@ class Problem:
         """A twin of this problem (the same network, data and buffers) whose full-batch
         ``loss_and_grad`` is one compiled function θ ↦ (∇L, L) (``CompiledGradient``): the
         forward and backward passes as one graph, elementwise work fused, no copy of θ in or of
-        ĝ out. Mini-batches and chunked problems stay eager. If tracing, compiling or running the
-        compiled code fails, the twin warns once and evaluates eagerly from then on."""
+        ĝ out. Mini-batches stay eager; a chunked problem stays eager and warns. If tracing,
+        compiling or running the compiled code fails, the twin warns once and evaluates eagerly
+        from then on. Every such warning is a RuntimeWarning starting "compile:" (what
+        ``RK(compile="auto")`` reads as a fallback)."""
         twin = copy.copy(self)
-        if len(self._parts(None)) > 1:  # chunked: eager
+        if len(self._parts(None)) > 1:
+            warnings.warn(
+                f"compile: a problem evaluated in chunks (chunk_size={self.chunk_size}) evaluates its gradient eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return twin
         key = self._compile_key()
         if key not in self._compiled_cache:

@@ -286,7 +286,11 @@ def simulate(
         status, message = Status.COMPLETED, ""
         try:
             try:
-                for point in integrator.solve(term, grid, seed, resume_from):
+                # what the integrator leaves open (RK's compile="auto") decided once, before the first
+                # step, or as the run resumed decided it; recorded in the integrator attr
+                running = integrator.settle(term, grid, resume_from)
+                recorder.attrs["integrator"] = json_attr(running.describe())
+                for point in running.solve(term, grid, seed, resume_from):
                     if not recorder.add(point, run.wall_time()):
                         status = Status.DIVERGED
                         message = (

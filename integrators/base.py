@@ -22,6 +22,8 @@ from t = 0 (correct, only slower), and `solve` is never called with ``start``.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -29,13 +31,92 @@ from typing import Any, ClassVar
 
 import torch
 
-from flowsim.errors import ConfigError
+from flowsim.errors import ConfigError, IntegrationError
 from flowsim.terms import SaveGrid, SavePoint, Term
 
 
 #: the most steps a fixed-step integrator or SGD may take in one run (a run that would need more
 #: never ends in practice: t1 or the step is a slip)
 MAX_STEPS = 10**10
+
+
+# ------------------------------------------------------------------------ why a solve cannot go on
+# Every integrator raises its IntegrationErrors through these, so one failure reads the same
+# whichever integrator meets it: "<integrator>: <what> at/from t=…; <what to do>".
+
+
+def step_size_underflow(name: str, h: float, t: float, detail: str = "") -> IntegrationError:
+    """The adaptive step size of `name` fell to `h` (no longer moves t) at time `t`."""
+    why = f"; {detail}" if detail else ""
+    return IntegrationError(f"{name}: step size underflow (h={h:.3g}) at t={t:g}: the flow is stiff or non-smooth there{why}")
+
+
+def not_finite(name: str, t: float, h: float | None = None) -> IntegrationError:
+    """The state or the derivative of `name` turned NaN/Inf in the step of size `h` from `t`
+    (`h` None: in an evaluation at `t`)."""
+    where = f"at t={t:g}" if h is None else f"in the step from t={t:g} (h={h:.3g})"
+    return IntegrationError(f"{name}: the state or its derivative became non-finite (NaN/Inf) {where}")
+
+
+def too_many_steps(name: str, max_steps: int, t: float) -> IntegrationError:
+    """`name` took its `max_steps` steps (accepted and rejected) by time `t`."""
+    return IntegrationError(
+        f"{name}: integrator.max_steps = {max_steps} steps taken by t={t:g}; "
+        "raise integrator.max_steps or take fewer steps (looser rtol/atol, a longer step_size)"
+    )
+
+
+def not_converged(name: str, t: float, h: float, detail: str) -> IntegrationError:
+    """The implicit stage equations of `name` (fixed point, then Newton) did not converge in the
+    step of size `h` from `t`."""
+    return IntegrationError(
+        f"{name}: the stage equations did not converge in the step from t={t:g} (h={h:.3g}): {detail}; take a smaller step_size"
+    )
+
+
+def solver_stopped(name: str, solver: str, t: float, detail: str, save_time: float | None = None) -> IntegrationError:
+    """The library `solver` that `name` drives gave up at time `t` (before `save_time`), saying `detail`."""
+    before = "" if save_time is None else f", before the save time t={save_time:g}"
+    return IntegrationError(f"{name}: {solver} stopped at t={t:g}{before}: {detail}")
+
+
+# ------------------------------------------------------------------------ private names of a library
+# torchdiffeq and torchsde publish whole solves only (odeint, sdeint); streaming save points and
+# resuming from a checkpoint need their solver objects. Each is driven by one adapter, in the one
+# file that needs it (ode.py: Torchdiffeq, sde.py: Torchsde), which reads its names through these.
+
+
+def upstream_changed(package: str, versions: str, what: str) -> str:
+    """The message for a `package` whose private internals, which flowsim drives, differ from
+    those of the `versions` (pyproject.toml's range) its adapter is written against."""
+    try:
+        installed = f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        installed = f"this {package}"
+    return (
+        f"flowsim drives private internals of {package}, and {installed} has changed them: {what}; "
+        f"flowsim is written against {package}{versions} (pyproject.toml): install a release in that range"
+    )
+
+
+def upstream_names(package: str, names: dict[str, tuple[str, ...]], versions: str) -> dict[str, Any]:
+    """{name: object} for the private `names` ({module: (name, …)}) of `package`; ImportError
+    (``upstream_changed``) naming every one the installed release lacks."""
+    found, missing = {}, []
+    for module_name, attributes in names.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing += [f"{module_name}.{name}" for name in attributes]
+            continue
+        for name in attributes:
+            if hasattr(module, name):
+                found[name] = getattr(module, name)
+            else:
+                missing.append(f"{module_name}.{name}")
+    if missing:
+        raise ImportError(upstream_changed(package, versions, f"no {', '.join(missing)}"))
+    return found
 
 
 def check_fixed_step(field: str, step: float | None, grid: SaveGrid, why: str) -> None:
@@ -69,6 +150,14 @@ class Integrator(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"name": type(self).__name__, **asdict(self)}
+
+    def settle(self, term: Term, grid: SaveGrid, start: dict[str, Any] | None = None) -> Integrator:
+        """This integrator as it runs `term` on `grid`, with what its arguments leave to the
+        library (RK's compile="auto") decided once, before the first step, from these inputs
+        (never from timing); with `start` (the checkpoint a resumed run goes on from) as the run
+        it continues decided it. ``simulate`` records its ``describe()``. Most leave nothing
+        open: themselves."""
+        return self
 
     def check_dtype(self, dtype: torch.dtype) -> None:
         """Raise ConfigError (or warn) if this integrator cannot honour its settings in `dtype`."""

@@ -49,11 +49,15 @@ def error_ratio(
     return float(norm(scaled) if norm is not None else scaled.square().mean().sqrt())
 
 
-def initial_step(y: Tensor, f0: Tensor, span: float, rtol: float, atol: float) -> float:
-    """Hairer's first guess 0.01·|y|/|f(y)| in the error norm's scale, at most `span`."""
+def initial_step(
+    y: Tensor, f0: Tensor, span: float, rtol: float, atol: float, norm: Callable[[Tensor], Tensor] | None = None
+) -> float:
+    """Hairer's first guess 0.01·|y|/|f(y)| in the error norm's scale (the RMS, or `norm` as in
+    ``error_ratio``), at most `span`."""
     scale = y.abs().mul(rtol).add_(atol)
-    d0 = float((y / scale).square().mean().sqrt())
-    d1 = float((f0 / scale).square().mean().sqrt())
+    size = norm if norm is not None else (lambda x: x.square().mean().sqrt())
+    d0 = float(size(y / scale))
+    d1 = float(size(f0 / scale))
     guess = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     return min(guess, span)
 

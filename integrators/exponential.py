@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowsim.errors import ConfigError, IntegrationError, check_field
+from flowsim.errors import ConfigError, check_field
 from flowsim.terms import Semilinear, VectorField
 
-from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
+from .base import Integrator, SaveGrid, SavePoint, check_fixed_step, not_finite, step_size_underflow, too_many_steps
 from .control import StepSizeController, error_ratio, initial_step
 
 #: the step-size control of the fourth-order estimate: grow at most 5× a step, shrink at most 5×
@@ -180,14 +180,15 @@ class _Semilinear:
         return self._cache[h]
 
     def apply(self, *terms: tuple[Tensor | None, Tensor]) -> Tensor:
-        """Σ (A ⊗ I_P) x over the (A, x) pairs whose A is not None."""
+        """Σ (A ⊗ I_P) x over the (A, x) pairs whose A is not None, shaped like the state (an
+        ensemble's (K, P) too)."""
         out = None
         for matrix, x in terms:
             if matrix is None:
                 continue
             part = matrix @ x.view(self.k, -1)
             out = part if out is None else out.add_(part)
-        return out.view(-1)
+        return out.view(self.like.shape)
 
 
 @dataclass(frozen=True)
@@ -197,8 +198,9 @@ class Exponential(Integrator):
 
     **Arguments**
 
-    - `rtol`, `atol`: the error per step, ‖err / (atol + rtol·max(|y|, |y⁺|))‖_rms ≤ 1, with
-      the embedded fourth/third-order estimate (module docstring); ignored with `step_size`.
+    - `rtol`, `atol`: the error per step, ‖err / (atol + rtol·max(|y|, |y⁺|))‖ ≤ 1 in the
+      term's ``error_norm`` (RMS; an ensemble's worst member), with the embedded
+      fourth/third-order estimate (module docstring); ignored with `step_size`.
     - `step_size`: fixed steps of this size instead (the last one before a save time is cut
       short to land on it).
     - `first_step`: the first trial step of the adaptive controller (None: from |y| and |N(y)|).
@@ -260,28 +262,28 @@ class Exponential(Integrator):
             target = grid.times[index]
             while t < target:
                 if attempts >= self.max_steps:
-                    raise IntegrationError(f"Exponential: max_steps={self.max_steps} reached at t={t:g}")
+                    raise too_many_steps("Exponential", self.max_steps, t)
                 attempts += 1
                 if n1 is None:
                     n1 = f(t, y)
                     if h is None:
-                        h = self.first_step or initial_step(y, n1, target - t, self.rtol, self.atol)
+                        h = self.first_step or initial_step(y, n1, target - t, self.rtol, self.atol, term.error_norm)
                 step = min(h, target - t)
                 if target - t - step <= 1e-12 * max(1.0, abs(target)):
                     step = target - t
                 y_new, n_new, error = self._step(f, t, y, n1, step)
                 if self.step_size is not None:
                     if not torch.isfinite(y_new).all():
-                        raise IntegrationError(f"Exponential: non-finite state after the step from t={t:g}")
+                        raise not_finite("Exponential", t, step)
                     accept = True
                 else:
-                    ratio = error_ratio(error, y, y_new, self.rtol, self.atol)
+                    ratio = error_ratio(error, y, y_new, self.rtol, self.atol, term.error_norm)
                     accept = ratio <= 1.0  # False for NaN
                     proposal = CONTROLLER.next(step, ratio) if math.isfinite(ratio) else step * CONTROLLER.dfactor
                     # a step cut short to land on a save time does not shrink the next one
                     h = max(h, proposal) if accept and step < h else proposal
                     if h <= 1e-14 * max(1.0, abs(t)):
-                        raise IntegrationError(f"Exponential: step size underflow (h={h:.3g}) at t={t:g}")
+                        raise step_size_underflow("Exponential", h, t)
                 if accept:
                     t = target if step == target - t else t + step
                     y, n1 = y_new, n_new

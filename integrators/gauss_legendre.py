@@ -48,10 +48,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowsim.errors import IntegrationError, bad_value, check_field
+from flowsim.errors import bad_value, check_field
 from flowsim.terms import Semilinear, VectorField
 
-from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
+from .base import (
+    Integrator, SaveGrid, SavePoint, check_fixed_step, not_converged, not_finite, step_size_underflow, too_many_steps,
+)  # fmt: skip
 from .control import StepSizeController, error_ratio, initial_step
 from .ode import check_rtol
 
@@ -327,7 +329,9 @@ class Collocation:
         times = self.times(t, h)
         points = self.points(t, y, h, k)
         fk = self.field(t, h, points)
-        r = self.relative(k - fk, fk) if torch.isfinite(fk).all() else math.inf
+        if not torch.isfinite(fk).all():  # no Jacobian to solve with (GMRES would meet NaN)
+            raise StagesNotConverged(f"{fixed}; f is non-finite (NaN/Inf) at the stage points")
+        r = self.relative(k - fk, fk)
         for _ in range(self.integrator.max_newton):
             if r <= self.tol:
                 return fk, r
@@ -505,12 +509,12 @@ class GaussLegendre(Integrator):
             target, residual = grid.times[index], 0.0
             while t < target:
                 if attempts >= self.max_steps:
-                    raise IntegrationError(f"GaussLegendre: max_steps={self.max_steps} reached at t={t:g}")
+                    raise too_many_steps("GaussLegendre", self.max_steps, t)
                 attempts += 1
                 if f0 is None and (adaptive or last is None):
                     f0 = stages.f(t, y)
                     if h is None:
-                        h = self.first_step or initial_step(y, f0, target - t, self.rtol, self.atol)
+                        h = self.first_step or initial_step(y, f0, target - t, self.rtol, self.atol, term.error_norm)
                 step = min(h, target - t)
                 if target - t - step <= 1e-12 * max(1.0, abs(target)):
                     step = target - t
@@ -522,17 +526,14 @@ class GaussLegendre(Integrator):
                     k, r = stages.solve(t, y, step, guess)
                 except StagesNotConverged as exc:
                     if not adaptive:
-                        raise IntegrationError(
-                            f"GaussLegendre: the stage equations did not converge in the step from t={t:g} (h={step:g}): {exc}; "
-                            "take a smaller step_size"
-                        ) from None
+                        raise not_converged("GaussLegendre", t, step, str(exc)) from None
                     h = 0.5 * step
                     if h <= 1e-14 * max(1.0, abs(t)):
-                        raise IntegrationError(f"GaussLegendre: step size underflow (h={h:.3g}) at t={t:g}: {exc}") from None
+                        raise step_size_underflow("GaussLegendre", h, t, str(exc)) from None
                     continue
                 y_new = y + step * stages.combine(stages.b, k)
                 if not torch.isfinite(y_new).all():
-                    raise IntegrationError(f"GaussLegendre: non-finite state after the step from t={t:g}")
+                    raise not_finite("GaussLegendre", t, step)
                 if adaptive:
                     error = step * (tab.gamma * f0 + stages.combine(stages.e, k))
                     ratio = error_ratio(error, y, y_new, self.rtol, self.atol, term.error_norm)
@@ -541,7 +542,7 @@ class GaussLegendre(Integrator):
                     # a step cut short to land on a save time does not shrink the next one
                     h = max(h, proposal) if accept and step < h else proposal
                     if h <= 1e-14 * max(1.0, abs(t)):
-                        raise IntegrationError(f"GaussLegendre: step size underflow (h={h:.3g}) at t={t:g}")
+                        raise step_size_underflow("GaussLegendre", h, t)
                     if not accept:
                         continue
                 t = target if step == target - t else t + step

@@ -17,8 +17,9 @@ Step-size control is torchdiffeq's (``integrators.control.StepSizeController``):
     r = rms(e / (atol + rtol·max(|y0|, |y1|)));   accept when r ≤ 1
     h ← h · min(ifactor, max(safety · r^(−1/order), dfactor))    (dfactor → 1 when r < 1; h·ifactor when r = 0)
 
-with torchdiffeq's initial step (``_select_initial_step``). Save points come from torchdiffeq's
-dense output, the quartic through y0, y1, y(t0 + h/2), f0 and f1; written in the stages it is
+with torchdiffeq's initial step (Hairer's, in the term's error norm as torchdiffeq's ODE takes
+it; read through integrators.ode.Torchdiffeq). Save points come from torchdiffeq's dense output,
+the quartic through y0, y1, y(t0 + h/2), f0 and f1; written in the stages it is
 y(t0 + x h) = y0 + h Kᵀ w(x), one product per save point and nothing per step.
 """
 
@@ -33,14 +34,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torchdiffeq._impl.misc import _rms_norm, _select_initial_step
+from torch.utils.flop_counter import FlopCounterMode
 
-from flowsim.errors import ConfigError, IntegrationError, bad_value, check_field
+from flowsim.errors import ConfigError, bad_value, check_field
 from flowsim.terms import VectorField
 
-from .base import Integrator, SaveGrid, SavePoint, check_fixed_step
+from .base import Integrator, SaveGrid, SavePoint, check_fixed_step, not_finite, step_size_underflow, too_many_steps
 from .control import StepSizeController
-from .ode import check_rtol
+from .ode import TORCHDIFFEQ, check_rtol
 from .tableaus import TABLEAUS, ButcherTableau
 
 # ----------------------------------------------------------------------------------------- the integrator
@@ -65,8 +66,13 @@ class RK(Integrator):
       the whole run (torchdiffeq's ``max_num_steps`` counts per save interval). None: no limit.
     - `safety`, `ifactor`, `dfactor`: the step-size controller's (torchdiffeq's defaults).
     - `compile`: evaluate the full-batch gradients through one compiled forward and backward
-      graph (``Problem.compiled_gradient``: make_fx and TorchInductor; falls back, with a
-      warning, to the eager evaluation when tracing or compilation fails).
+      graph (``Problem.compiled_gradient``: make_fx and TorchInductor). True compiles before
+      the first step (falling back, with a warning, to the eager evaluation when tracing or
+      compilation fails); False never compiles; "auto" lets the library decide once, before
+      the first step, from the inputs alone (``RK.settle``: it compiles a CPU solve whose
+      estimated work reaches ``AUTO_COMPILE_FLOPS``, falling back silently). The record's
+      ``integrator`` attr says what was decided (``compiled``, ``compile_reason``) and a
+      resumed run keeps it.
     - `sync_every`: adaptive methods only. None: each accept/reject decision is taken on the
       host (one synchronisation per step on a GPU). An integer n: the step-size control runs on
       the device (``_DeviceLoop``) and the host reads the state once per chunk of at most n
@@ -88,10 +94,12 @@ class RK(Integrator):
     safety: float = 0.9
     ifactor: float = 10.0
     dfactor: float = 0.2
-    compile: bool = False
+    compile: bool | str = "auto"
     sync_every: int | None = None
     cuda_graph: bool = False
     term: ClassVar[type[VectorField]] = VectorField
+    #: how `compile` was decided for one run (``settle``); None on an integrator not yet settled
+    decision: ClassVar[CompileDecision | None] = None
 
     def __post_init__(self) -> None:
         if self.method not in TABLEAUS:
@@ -112,9 +120,10 @@ class RK(Integrator):
         check_field(self, "integrator", "safety", minimum=0.0, maximum=1.0, exclusive_minimum=True)
         check_field(self, "integrator", "ifactor", minimum=1.0)
         check_field(self, "integrator", "dfactor", minimum=0.0, maximum=1.0, exclusive_minimum=True)
-        for name in ("compile", "cuda_graph"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad_value(f"integrator.{name}", getattr(self, name), "true or false")
+        if not isinstance(self.compile, bool) and not (isinstance(self.compile, str) and self.compile == "auto"):
+            raise bad_value("integrator.compile", self.compile, 'true, false or "auto"')
+        if not isinstance(self.cuda_graph, bool):
+            raise bad_value("integrator.cuda_graph", self.cuda_graph, "true or false")
         if self.sync_every is not None:
             check_field(self, "integrator", "sync_every", integer=True, minimum=1)
             if not adaptive:
@@ -142,13 +151,90 @@ class RK(Integrator):
         if self.tableau.adaptive:
             check_rtol(self.rtol, dtype)
 
+    def describe(self) -> dict[str, Any]:
+        """Its arguments; once settled (``settle``), with how `compile` was decided for the run:
+        ``compiled`` (whether it evaluates the compiled field) and ``compile_reason``."""
+        described = super().describe()
+        if self.decision is not None:
+            described.update(compiled=self.decision.compiled, compile_reason=self.decision.reason)
+        return described
+
+    def settle(self, term: VectorField, grid: SaveGrid, start: dict[str, Any] | None = None) -> RK:
+        """This integrator with `compile` decided for one run, once, before the first step, from
+        the inputs alone (never from timing): False stays eager; True compiles now (a failure
+        warns, and the run is eager); "auto" compiles now where ``auto_compile`` says it pays
+        (a failure is silent). A resumed run (`start`, a checkpoint of ``solve``) takes the
+        decision its checkpoint holds, so it evaluates the same field as the run it continues."""
+        if start is not None and "compiled" in start:
+            decision = CompileDecision(bool(start["compiled"]), str(start["compile_reason"]))
+            if decision.compiled:  # a new process: compile again (the graph is cached per process)
+                decision = _compile_now(term, grid.times[0], decision.reason, quiet=False)
+        elif self.compile is True:
+            decision = _compile_now(term, grid.times[0], "compile=True", quiet=False)
+        elif self.compile is False:
+            decision = CompileDecision(False, "compile=False")
+        else:
+            decision = self.auto_compile(term, grid)
+        settled = dataclasses.replace(self)
+        object.__setattr__(settled, "decision", decision)  # not a field: no argument, no part of the fingerprint
+        return settled
+
+    def auto_compile(self, term: VectorField, grid: SaveGrid) -> CompileDecision:
+        """compile="auto": compile (now) when the eager solve's estimated work (``work_estimate``)
+        reaches AUTO_COMPILE_FLOPS, on the CPU, for a term with a compiled field and no members;
+        where compiling falls back (a model that cannot be traced, a chunked problem) the run is
+        eager and the decision says why, without a warning."""
+        if term.members is not None:
+            dim, k = term.members
+            return CompileDecision(False, f"auto: the {k} members ({dim}) evaluate their gradients batched, not compiled")
+        if term.compiled is None:
+            return CompileDecision(False, "auto; not compiled: the dynamics gives no compiled field")
+        if term.y0.device.type != "cpu":
+            where = term.y0.device.type
+            return CompileDecision(False, f"auto: compiles on the CPU only, where AUTO_COMPILE_FLOPS is calibrated; give compile=True on {where}")
+        work = self.work_estimate(term, grid)
+        why = f"auto: estimated work {work:.3g} flops"
+        if not work >= AUTO_COMPILE_FLOPS:  # NaN (a non-finite first evaluation): eager, and the loop says what failed
+            return CompileDecision(False, f"{why} < {AUTO_COMPILE_FLOPS:.3g}")
+        return _compile_now(term, grid.times[0], f"{why} >= {AUTO_COMPILE_FLOPS:.3g}", quiet=True)
+
+    def work_estimate(self, term: VectorField, grid: SaveGrid) -> float:
+        """The flops of the eager solve, estimated before it: W = F·n, F the flops of one
+        evaluation of the field at (t0, y0) (its matrix products and convolutions, forward and
+        backward, as torch's FlopCounterMode counts them) and n the evaluations: s per step for
+        a fixed-step method (exact), and for an adaptive one s'·(t1 − t0)/h + 2 with h the first
+        step the loop would take (``first_step``, or torchdiffeq's selection from f(t0, y0) and
+        one more evaluation) and s' its evaluations per step (s − 1 with FSAL, else s). Where
+        the steps grow after the first, n is high (1.15–3.3× on the benchmark MLP, ReLU, at
+        rtol 1e-6 … 1e-7). Two evaluations of the field, not counted in ``nfe``; the term's
+        memory is left as it was, so the run is the one compile=False takes."""
+        tab, times = self.tableau, grid.times
+        t0 = torch.tensor(times[0], dtype=torch.float64)
+        memory = term.memory.state() if term.memory is not None else None
+        with FlopCounterMode(display=False) as counter:
+            f0 = term.f(t0, term.y0)
+        flops = counter.get_total_flops()
+        if not tab.adaptive:
+            steps = len(times) - 1 if self.step_size is None else math.ceil((times[-1] - times[0]) / self.step_size)
+            evaluations = tab.stages * steps
+        else:
+            h = self.first_step
+            if h is None:
+                h = TORCHDIFFEQ.initial_step(term.f, t0, term.y0, tab.order, self.rtol, self.atol, f0, term.error_norm)
+            evaluations = (tab.stages - 1 if tab.fsal else tab.stages) * (times[-1] - times[0]) / h + 2
+        if memory is not None:
+            term.memory.restore(memory)
+        return flops * evaluations
+
     def solve(self, term: VectorField, grid: SaveGrid, seed: int, start: dict[str, Any] | None = None) -> Iterator[SavePoint]:
         """The host loops' checkpoint at a save point is the loop's whole state (``RKState``, and
-        the fixed grid's next node), so a resumed run is the uninterrupted one bit for bit; the
-        device loop (``sync_every``) keeps its state on the device and gives none (a resumed run
-        starts over)."""
+        the fixed grid's next node) and the compile decision, so a resumed run is the
+        uninterrupted one bit for bit; the device loop (``sync_every``) keeps its state on the
+        device and gives none (a resumed run starts over). An integrator not yet settled
+        (``settle``) settles first."""
+        decision = (self if self.decision is not None else self.settle(term, grid, start)).decision
         y0, shape = term.y0, term.y0.shape
-        field = vector_field(term, compile=self.compile)
+        field = vector_field(term, compile=decision.compiled)
         # an ensemble's (K, …) state runs flat, its error norm the term's (every member meets the tolerance)
         f = field if y0.ndim == 1 else lambda t, y, out: field(t, y.view(shape), out.view(shape))
         kind = _FixedLoop if not self.tableau.adaptive else _AdaptiveLoop if self.sync_every is None else _DeviceLoop
@@ -156,12 +242,64 @@ class RK(Integrator):
         first = 1 if start is None else start["index"] + 1
         if start is None:  # as ODE: the first point counts the evaluations made before it (an adaptive method's f(t0, y0) and initial step)
             theta, velocity = term.split(y0)
-            yield SavePoint(grid.times[0], 0, loop.state.nfe, theta, velocity=velocity, checkpoint=loop.checkpoint(0), stats={"rejected_steps": 0})
+            checkpoint = _with_decision(loop.checkpoint(0), decision)
+            yield SavePoint(grid.times[0], 0, loop.state.nfe, theta, velocity=velocity, checkpoint=checkpoint, stats={"rejected_steps": 0})
         for index in range(first, len(grid.times)):
             theta, velocity = term.split(loop.advance(grid.times[index]).view(shape))
             s = loop.state
             stats = {"rejected_steps": s.rejected}
-            yield SavePoint(grid.times[index], s.accepted, s.nfe, theta, velocity=velocity, checkpoint=loop.checkpoint(index), stats=stats)
+            checkpoint = _with_decision(loop.checkpoint(index), decision)
+            yield SavePoint(grid.times[index], s.accepted, s.nfe, theta, velocity=velocity, checkpoint=checkpoint, stats=stats)
+
+
+#: compile="auto" compiles a CPU solve whose eager work is estimated (``RK.work_estimate``) at
+#: this many flops or more. Compiling pays once it saves more than it costs: on the benchmark
+#: MLP (64-128-128-10, 512 examples, float64, 2 threads; benchmarks/peer_diffrax.py; 7.1e7
+#: flops an evaluation) it costs C ≈ 14–18 s and saves s ≈ 0.3 of each evaluation (2.1 → 1.46
+#: ms: BENCHMARKS.md), so from an eager solve of C/s ≈ 50 s on: 50 s × 3e10 flop/s ≈ 1.5e12
+#: flops. The threshold sits lower, so that a 60-s solve compiles even where the rate or the
+#: estimate is 1.5× off. The estimate is high where the steps grow after the first (1.15–3.3×
+#: on that MLP at rtol 1e-6 … 1e-7), so a solve of 10–30 s may compile and take up to C more
+#: than eager. No test comes within 100× of it (the largest, a CentralFlow run, 8e9 flops).
+AUTO_COMPILE_FLOPS = 1e12
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    """Whether a run evaluates its term's compiled field (``VectorField.compiled``), and why;
+    decided once before its first step (``RK.settle``), it goes into the record's
+    ``integrator`` attr and into every checkpoint."""
+
+    compiled: bool
+    reason: str
+
+
+def _compile_now(term: VectorField, t0: float, reason: str, quiet: bool) -> CompileDecision:
+    """Compile the term's field before the run by evaluating it once at (t0, y0) (its memory
+    left as it was): `reason` with compiled=True, or, where compiling falls back to the eager
+    evaluation (a RuntimeWarning "compile: …": the model cannot be traced, a chunked problem,
+    an ensemble), compiled=False with the warning's words, the warning re-issued unless
+    `quiet`. Other warnings pass as they came."""
+    if term.compiled is None:
+        return CompileDecision(False, f"{reason}; not compiled: the dynamics gives no compiled field")
+    memory = term.memory.state() if term.memory is not None else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        term.compiled().f(torch.tensor(t0, dtype=torch.float64), term.y0)
+    if memory is not None:
+        term.memory.restore(memory)
+    fallbacks = [w for w in caught if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("compile:")]
+    for w in caught:
+        if not (quiet and w in fallbacks):
+            warnings.warn(w.message, w.category, stacklevel=3)
+    if fallbacks:
+        return CompileDecision(False, f"{reason}; not compiled: {str(fallbacks[0].message).removeprefix('compile: ')}")
+    return CompileDecision(True, reason)
+
+
+def _with_decision(checkpoint: dict[str, Any] | None, decision: CompileDecision) -> dict[str, Any] | None:
+    """A loop's checkpoint with the run's compile decision (what ``RK.settle`` restores)."""
+    return None if checkpoint is None else {**checkpoint, "compiled": decision.compiled, "compile_reason": decision.reason}
 
 
 def vector_field(term: VectorField, compile: bool = False) -> Callable[[float | Tensor, Tensor, Tensor], None]:
@@ -231,28 +369,43 @@ class _Loop:
         self.y_stage = torch.empty_like(y0)
         if start is None:
             self.state = RKState(grid.times[0], grid.times[0], 0.0, 0.0, y0.clone(), y0.clone(), stages, rolled=True)
-        else:  # the checkpoint's tensors are copies, which the loop may now own
+        else:
             self.state = RKState(**{field.name: start[field.name] for field in dataclasses.fields(RKState)})
+        #: the state's tensors that a checkpoint holds (the start's, the last yielded one's): never written
+        self.lent: list[Tensor] = [] if start is None else [self.state.y0, self.state.y1, self.state.stages]
 
     def checkpoint(self, index: int) -> dict[str, Any] | None:
-        """Everything to go on after save point `index`: the state, its tensors copied (the loop
-        writes into them)."""
+        """Everything to go on after save point `index`: the state itself, its tensors by
+        reference, not copied (integrators.base). The loop writes only into y1 and the stages
+        (y0 is read, and swapped with y1 by ``_roll``), so from here on it writes into new ones."""
         s = self.state
-        fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
-        return {"index": index, **{k: v.clone() if isinstance(v, Tensor) else v for k, v in fields.items()}}
+        self.lent = [s.y0, s.y1, s.stages]
+        return {"index": index, **{f.name: getattr(s, f.name) for f in dataclasses.fields(s)}}
 
     def _evaluate(self, t: float, y: Tensor, out: Tensor) -> None:
         self.state.nfe += 1
         self.f(t, y, out)
 
     def _roll(self) -> None:
-        """Start the next step from the end of the last accepted one."""
+        """Start the next step from the end of the last accepted one (every step starts here,
+        before it writes anything): y0 ↔ y1, stages[0] ← f1. Where a checkpoint holds y1 or the
+        stages, the step gets new, uninitialised ones instead (no copy but f1's row); y0 is
+        only read, so it may stay a checkpoint's until the next roll makes it y1."""
         s = self.state
+        first = None if s.rolled else s.stages[self.f1_row]
         if not s.rolled:
             s.y0, s.y1 = s.y1, s.y0
-            s.stages[0].copy_(s.stages[self.f1_row])
             s.t0 = s.t1
             s.rolled = True
+        if self.lent:
+            if any(s.y1 is t for t in self.lent):
+                s.y1 = torch.empty_like(s.y1)
+            if any(s.stages is t for t in self.lent):
+                first = s.stages[0] if first is None else first
+                s.stages = torch.empty_like(s.stages)
+            self.lent = [t for t in self.lent if t is s.y0]
+        if first is not None:
+            s.stages[0].copy_(first)
 
     def _stages(self, t0: float, h: float) -> None:
         """stages[1:s] and y1 of a step of size h from (t0, y0, stages[0])."""
@@ -336,7 +489,7 @@ class _AdaptiveLoop(_Loop):
 
         t0 = torch.tensor(s.t0, dtype=torch.float64)
         rtol, atol = self.integrator.rtol, self.integrator.atol
-        return float(_select_initial_step(f, t0, s.y0, self.tableau.order - 1, rtol, atol, _rms_norm, f0=s.stages[0]))
+        return TORCHDIFFEQ.initial_step(f, t0, s.y0, self.tableau.order, rtol, atol, s.stages[0], self.error_norm)
 
     def advance(self, time: float) -> Tensor:
         s = self.state
@@ -357,15 +510,15 @@ class _AdaptiveLoop(_Loop):
         integrator, s = self.integrator, self.state
         self._roll()
         if integrator.max_steps is not None and s.accepted + s.rejected >= integrator.max_steps:
-            raise _max_steps_reached(integrator.max_steps, s.t0)
+            raise too_many_steps("RK", integrator.max_steps, s.t0)
         h = s.dt
         t1 = s.t0 + h
         if not t1 > s.t0:
-            raise _underflow(h, s.t0)
+            raise step_size_underflow("RK", h, s.t0)
         self._stages(s.t0, h)
         ratio = self._error_ratio(h)
         if math.isnan(ratio):
-            raise _not_finite(h, s.t0)
+            raise not_finite("RK", s.t0, h)
         if ratio <= 1:
             if not self.tableau.fsal:
                 self._evaluate(t1, s.y1, s.stages[self.f1_row])
@@ -537,23 +690,11 @@ class _DeviceLoop(_AdaptiveLoop):
         s, max_steps = self.state, self.integrator.max_steps
         nan, underflow = self.failures
         if nan:
-            raise _not_finite(s.dt, s.t1)
+            raise not_finite("RK", s.t1, s.dt)
         if underflow:
-            raise _underflow(s.dt, s.t1)
+            raise step_size_underflow("RK", s.dt, s.t1)
         if max_steps is not None and s.accepted + s.rejected >= max_steps:
-            raise _max_steps_reached(max_steps, s.t1)
+            raise too_many_steps("RK", max_steps, s.t1)
 
 
-def _not_finite(dt: float, t: float) -> IntegrationError:
-    return IntegrationError(f"the state or its derivative became NaN/Inf in the step from t={t:g} (dt={dt:g})")
-
-
-def _underflow(dt: float, t: float) -> IntegrationError:
-    return IntegrationError(f"step size underflow (dt={dt:g}) at t={t:g}: the flow is stiff or non-smooth there")
-
-
-def _max_steps_reached(max_steps: int, t: float) -> IntegrationError:
-    return IntegrationError(f"max_steps = {max_steps} reached at t={t:g}; raise integrator.max_steps or loosen rtol/atol")
-
-
-__all__ = ["RK", "ButcherTableau", "TABLEAUS", "RKState", "vector_field"]
+__all__ = ["RK", "AUTO_COMPILE_FLOPS", "CompileDecision", "ButcherTableau", "TABLEAUS", "RKState", "vector_field"]

@@ -25,10 +25,10 @@ import scipy.integrate
 import torch
 from torch import Tensor
 
-from flowsim.errors import ConfigError, IntegrationError, check_field
+from flowsim.errors import ConfigError, check_field
 from flowsim.terms import VectorField
 
-from .base import Integrator, SaveGrid, SavePoint
+from .base import Integrator, SaveGrid, SavePoint, not_finite, solver_stopped
 
 EXPLICIT = ("RK45", "DOP853", "RK23")
 IMPLICIT = ("Radau", "BDF", "LSODA")
@@ -52,7 +52,7 @@ class _Bridge:
         dy = self.field(torch.tensor(t, dtype=torch.float64), self.to_torch(y))
         out = dy.detach().cpu().numpy()
         if not np.isfinite(out).all():
-            raise IntegrationError(f"SciPy: non-finite derivative at t={t:g}")
+            raise not_finite("SciPy", t)
         return out
 
 
@@ -125,7 +125,7 @@ class SciPy(Integrator):
         while j < len(times):
             message = solver.step()
             if solver.status == "failed":
-                raise IntegrationError(f"SciPy {self.method} stopped at t={solver.t:g}: {message}")
+                raise solver_stopped("SciPy", f"scipy's {self.method}", solver.t, message)
             steps += 1
             dense = None
             while j < len(times) and times[j] <= solver.t:  # the last step ends exactly at times[-1]

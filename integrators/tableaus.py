@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+from .ode import TORCHDIFFEQ
 
 @dataclass(frozen=True)
 class ButcherTableau:
@@ -69,17 +68,17 @@ class ButcherTableau:
 
     @classmethod
     def from_torchdiffeq(cls, name: str) -> ButcherTableau:
-        """torchdiffeq's own coefficients for its adaptive method `name` (dopri5, dopri8, …)."""
-        solver = SOLVERS[name]
-        t = solver.tableau
+        """torchdiffeq's own coefficients for its adaptive method `name` (dopri5, dopri8, …),
+        read through its adapter (integrators.ode.Torchdiffeq)."""
+        t = TORCHDIFFEQ.tableau(name)
         return cls(
             name=name,
-            order=solver.order,
-            c=(0.0, *t.alpha.tolist()),
-            a=((), *(tuple(row.tolist()) for row in t.beta)),
-            b=tuple(t.c_sol.tolist()),
-            b_error=tuple(t.c_error.tolist()),
-            b_mid=tuple(solver.mid.tolist()),
+            order=t["order"],
+            c=(0.0, *t["alpha"]),
+            a=((), *(tuple(row) for row in t["beta"])),
+            b=tuple(t["c_sol"]),
+            b_error=tuple(t["c_error"]),
+            b_mid=tuple(t["mid"]),
         )
 
 
@@ -90,11 +89,7 @@ def _fixed(name: str, order: int, c: tuple, a: tuple, b: tuple) -> ButcherTablea
 #: every method RK runs: torchdiffeq's explicit adaptive RK methods (its coefficients) and its
 #: fixed-step ones (written out; "rk4" is torchdiffeq's, the 3/8 rule)
 TABLEAUS: dict[str, ButcherTableau] = {
-    **{
-        name: ButcherTableau.from_torchdiffeq(name)
-        for name, solver in SOLVERS.items()
-        if isinstance(solver, type) and issubclass(solver, RKAdaptiveStepsizeODESolver)
-    },
+    **{name: ButcherTableau.from_torchdiffeq(name) for name in TORCHDIFFEQ.runge_kutta},
     "euler": _fixed("euler", 1, (0,), ((),), (1,)),
     "midpoint": _fixed("midpoint", 2, (0, 1 / 2), ((), (1 / 2,)), (0, 1)),
     "heun2": _fixed("heun2", 2, (0, 1), ((), (1,)), (1 / 2, 1 / 2)),

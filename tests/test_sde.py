@@ -90,6 +90,20 @@ def test_fused_step_is_drift_plus_noise_in_one_pass(drift):
     assert worst < 1, worst
 
 
+def test_fused_modified_step_is_one_forward_and_one_double_backward(monkeypatch):
+    """The fused step with the modified drift runs the network forward once and differentiates
+    twice (the gradient keeping its graph, then one double backward carrying both the noise
+    weights and the Hessian-vector product: ``gradient_and_hvp``)."""
+    problem = build_problem("cnn", n=16, weight_decay=0.05).to(dtype=torch.float64)
+    theta, dw = problem.initial_theta(), 0.3 * torch.randn(16, dtype=torch.float64)
+    forwards, passes = [], []
+    problem._net.register_forward_hook(lambda *_: forwards.append(1))
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: passes.append(1) or grad(*a, **k))
+    fs.SGDNoise(lr=0.2, batch_size=4, drift="modified").euler_maruyama_step(problem, theta, 0.3, dw)
+    assert (len(forwards), len(passes)) == (1, 2)
+
+
 def test_brownian_increments_are_independent_standard_normal_and_counter_based():
     """ΔW of (seed, path, step) is N(0, h·I), independent across paths and steps, and depends on
     nothing else: the number of paths does not change path p's increment."""

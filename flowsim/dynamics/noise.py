@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, bad_value, check_field
-from ..problem import Problem
+from ..problem import Problem, gradient_and_hvp
 from ..terms import Noise, Term
 from .base import Dynamics, modified_gradient
 
@@ -131,15 +131,15 @@ class SGDNoise(Dynamics):
 
 
 def _penalised_weighted_grad(problem: Problem, theta: Tensor, weights: Tensor, beta: float) -> Tensor:
-    """∇_θ [Σ_i w_i ℓ_i + β |∇L_λ|²] = Σ_i w_i ∇ℓ_i + 2β H_λ g, g = ∇L_λ, by one forward and a
-    double backward (the fused step of the modified drift)."""
-    with torch.enable_grad():
-        leaf = theta.detach().requires_grad_(True)
-        losses = problem.per_example_losses(leaf)
-        (grad,) = torch.autograd.grad(losses.mean(), leaf, create_graph=True)
-        grad = grad + problem.weight_decay * leaf
-        (total,) = torch.autograd.grad(losses @ weights + beta * grad.square().sum(), leaf)
-    return total
+    """∇_θ [Σ_i w_i ℓ_i + β |∇L_λ|²] = Σ_i w_i ∇ℓ_i + 2β (H + λ) g, g = ∇L_λ = ĝ + λθ (the
+    fused step of the modified drift): flowsim's one Hessian-vector product (``gradient_and_hvp``)
+    on the per-example losses ℓ, whose double backward also carries the weights w. With
+    ∇Σℓ = N ĝ and ∇²Σℓ = N H, the direction 2β g/N gives 2β H g: one forward, one backward and
+    one double backward, as differentiating the penalised loss itself would take."""
+    n, lam = problem.n_examples, problem.weight_decay
+    along = lambda grad: grad.div(n).add_(theta, alpha=lam).mul_(2 * beta / n)  # noqa: E731
+    _, grad, total = gradient_and_hvp(problem.per_example_losses, theta, along, weights)
+    return total.add_(grad.div_(n).add_(theta, alpha=lam), alpha=2 * beta * lam) if lam else total
 
 
 def _per_example_gradients(problem: Problem, theta: Tensor) -> Tensor:
