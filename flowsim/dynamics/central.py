@@ -123,9 +123,10 @@ class CentralFlow(ContinuousDynamics):
     - `relaxation`: τ/η, the time over which an eigenvalue that passes 2/η is pulled back.
     - `tol`: the eigen-solver's residual tolerance, relative to |λ|.
 
-    Per evaluation: one gradient, a Hessian graph, the eigen-solver's Hessian-vector products
-    (warm-started from the previous evaluation), k double backward passes with graph and
-    k(k+1)/2 backward passes through them.
+    Per evaluation: the loss and gradient with their graph (the Hessian graph), the
+    eigen-solver's Hessian-vector products (warm-started from the previous evaluation), k double
+    backward passes with graph and k(k+1)/2 backward passes through them; below the edge one
+    more gradient, gradient flow's own (so that there it is gradient flow to the bit).
     """
 
     lr: float
@@ -195,10 +196,10 @@ class CentralFlow(ContinuousDynamics):
         if theta.ndim != 1:
             raise ConfigError(f"dynamics: CentralFlow runs one θ of shape (P,); got {tuple(theta.shape)} (no ensembles or paths)")
         lam = problem.weight_decay
-        loss, grad = problem.loss_and_grad(theta)
-        g = grad.add(theta, alpha=lam) if lam else grad
         memory = EdgeMemory() if memory is None else memory
-        hessian = HessianOperator(problem, theta)
+        hessian = HessianOperator(problem, theta)  # L and ∇L with their graph, for the Hessian products
+        loss = hessian.loss.detach()
+        g = hessian.grad.detach().add(theta, alpha=lam) if lam else hessian.grad.detach()
         eig = top_eigenpairs(hessian, self._start(theta, memory), self.k, tol=self.tol)
         memory.subspace = eig.subspace
         values, u = eig.values, eig.vectors
@@ -212,7 +213,9 @@ class CentralFlow(ContinuousDynamics):
         d = hessian.third(u)  # (n, P), pairs i ≤ j
         rows, columns, weights = (torch.as_tensor(a, device=theta.device) for a in _triu(self.k))
         q = _symmetric(d @ g, rows, columns, self.k) + torch.diag(headroom / (self.relaxation * self.lr))
-        if float(torch.linalg.eigvalsh(q)[0]) >= 0:  # below the edge: S = 0, gradient flow
+        if float(torch.linalg.eigvalsh(q)[0]) >= 0:  # below the edge: S = 0, gradient flow's own evaluation, to the bit
+            loss, grad = problem.loss_and_grad(theta)
+            g = grad.add(theta, alpha=lam) if lam else grad
             sigma, velocity = torch.zeros_like(q), g.neg()
         else:
             f = d * weights.to(d)[:, None]  # svec: ∇³L[Σ] = Σ_ij S_ij d_ij = Fᵀ svec(S), f_(ij) = c_ij d_ij
@@ -226,17 +229,18 @@ class CentralFlow(ContinuousDynamics):
         return EdgeState(loss, g, values, u, sigma, velocity, predicted_loss, predicted_grad, eig.matvecs)
 
     def _start(self, theta: Tensor, memory: EdgeMemory) -> Tensor:
-        """The eigen-solver's start: the last evaluation's subspace, or k + 2 seeded random vectors."""
+        """The eigen-solver's start: the last evaluation's subspace, or k + 1 seeded random vectors
+        (the last one a guard: its Ritz value bounds λ_{k+1} from below)."""
         previous = memory.subspace
         if previous is not None and previous.shape[0] == theta.numel() and previous.dtype == theta.dtype:
             return previous.to(theta.device)
         generator = torch.Generator().manual_seed(0)
-        return torch.randn(theta.numel(), self.k + 2, generator=generator, dtype=theta.dtype).to(theta.device)
+        return torch.randn(theta.numel(), self.k + 1, generator=generator, dtype=theta.dtype).to(theta.device)
 
 
 class EdgeMemory:
     """What the central flow carries from one evaluation to the next (a ``terms.Memory``): the
-    eigen-solver's last subspace (P, k + 2) and the last S with its eigenvectors U (the SDCP's
+    eigen-solver's last subspace (P, k + 1) and the last S with its eigenvectors U (the SDCP's
     warm start). Each evaluation replaces them; none is changed in place."""
 
     def __init__(self) -> None:
