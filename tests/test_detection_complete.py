@@ -174,33 +174,6 @@ def test_a_residual_block_feeding_a_softmax_output():
     assert not any(law.site == "inp" for law in laws)
 
 
-def test_a_law_no_flowsim_law_can_express_is_named_not_invented():
-    """In the same model the count finds 10 laws, 9 known: shifting inp's bias by c·1 and fc1's
-    by −c·W1 1 leaves the model unchanged, a symmetry whose generator depends on θ; its law is
-    no Law of flowsim's forms (sums, squares and products of parameters). Detection returns no
-    law for it; the count is not complete and its note names the symmetry."""
-
-    class Head(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.inp, self.fc1, self.fc2 = nn.Linear(5, 3), nn.Linear(3, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = self.inp(x)
-            return h + self.fc2(torch.relu(self.fc1(h)))
-
-    result = count(Head(), torch.randn(8, 5), "cross_entropy")
-    assert result.counts == (10, 10, 10) and result.n_known == 9 and result.complete is False
-    assert "depend on θ" in result.note and "inp.bias shifted by one number, which the bias of fc1 compensates" in result.note
-    # such a symmetry need not make a law: a linear pair has one (0's bias shifted, 1's bias
-    # compensating), and the count agrees with the detected laws; no note then
-    pair = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    assert fs.laws.detection.detect_with_hints(pair, "mse", torch.randn(8, 3))[1]
-    result = count(pair, torch.randn(8, 3), "mse", points=1)
-    assert result.complete and "depend on θ" not in result.note
-
-
 def test_parameters_the_loss_never_reaches():
     class Unused(nn.Module):
         def __init__(self):

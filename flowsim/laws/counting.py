@@ -17,18 +17,20 @@ gradient can take, Σ_k w_k = 0; that is what makes the translation laws laws.
 The algorithm, at a random θ in float64 (random inputs shaped like the given ones, random
 directions w):
 
-1. the values of about 2D fields χ_{x,w}(θ) (one vmapped vector-Jacobian product) span W(θ);
-   a greedy Gram–Schmidt keeps a vector when the part of it outside the span exceeds `rtol`
-   times the size of the terms it was computed from (float64 round-off is far below);
+1. the values of about 2D fields χ_{x,w}(θ) (one vmapped vector-Jacobian product) span W(θ).
+   Every rank is numerical: the vectors computed, each divided by the size of the terms it
+   was computed from, have as many singular values above √N · ``ROUNDOFF`` (N vectors, each
+   allowed a relative round-off of ``ROUNDOFF`` = 1e-12);
 2. brackets of depth ℓ = 2, 3, …: random right-nested brackets [[A1, A2], …, Aℓ] of fresh
    random fields, by nested Jacobian-vector products (``torch.func.jvp`` over ``grad``), a
-   chunk at a time; each raises the rank or not. A bracket is polynomial in the random inputs
-   and directions, so once a random bracket of depth ℓ adds nothing, none of that depth does
-   (almost surely): a depth ends after `confirm` such misses, and the search ends at the first
-   depth that adds nothing. Random brackets, not the ones kept by value: two fields with the
-   same value at θ can have different brackets. The search stops at `max_depth` and after
-   `max_seconds` (before a chunk predicted to overrun them): its count is then an upper bound
-   (``stopped`` says which cap);
+   chunk at a time; a greedy Gram–Schmidt says whether each adds to the span (its part
+   outside it above `rtol` times the size of its terms) or is a miss. A bracket is
+   polynomial in the random inputs and directions, so once a random bracket of depth ℓ adds
+   nothing, none of that depth does (almost surely): a depth ends after `confirm` misses, and
+   the search ends at the first depth that does not raise the rank. Random brackets, not the
+   ones kept by value: two fields with the same value at θ can have different brackets. The
+   search stops at `max_depth` and after `max_seconds` (before a chunk predicted to overrun
+   them): its count is then an upper bound (``stopped`` says which cap);
 3. cheap bounds come with it:
 
     D − rank W(θ)  ≥  n_laws  ≥  n_known = rank of the Jacobian of the detected exact laws,
@@ -47,8 +49,9 @@ fraction in [0.3, 0.7] of the random inputs; a point with a unit positive on und
 (5 %) or over 1 − `MIXED` of them (no bias to shift) is drawn again, `tries` times, then used
 with a note naming the units. The count is made at `points` points (seeds `seed`, `seed` + 1,
 …) and decided by agreement: `n_laws` is their common value; where they disagree it is the
-most common one (the smallest of a tie), `counts` lists every one, the note says so and
-``complete`` is False. Max-pooling is not checked.
+most common one (the smallest of a tie) among the points with every unit mixed (all points
+where none is), `counts` lists every one, the note says so and ``complete`` is False.
+Max-pooling is not checked.
 
 Laws marked inexact (normalisation eps > 0) are not laws of the model as given and are not
 counted in n_known. Every exact detected law is checked to be orthogonal to the fields: one
@@ -58,10 +61,10 @@ more laws than detected and detection found symmetries whose generator depends o
 that a layer's bias undoes, b → b − W·shift: their laws are no flowsim Law), the note names
 them.
 
-Evaluation by formulas forward-mode AD supports: LayerNorm and BatchNorm by
-(x − mean) / √(var + eps) · γ + β, not torch's fused kernels (their forward-mode derivative of
-the backward is wrong at third order, torch 2.x, which would make brackets of depth ≥ 3
-wrong); ``F.scaled_dot_product_attention`` (``nn.MultiheadAttention`` with
+Evaluation by formulas forward-mode AD supports: LayerNorm (the module or ``F.layer_norm``)
+and BatchNorm by (x − mean) / √(var + eps) · γ + β, not torch's fused kernels (their
+forward-mode derivative of the backward is wrong at third order, torch 2.x, which would make
+brackets of depth ≥ 3 wrong); ``F.scaled_dot_product_attention`` (``nn.MultiheadAttention`` with
 ``need_weights=False``, ``nn.TransformerEncoderLayer``) by softmax(q kᵀ · scale + mask) v
 (attn_mask, is_causal, scale and enable_gqa honoured); ``torch._weight_norm`` (weight_norm,
 parametrised or not) by v · g / ‖v‖. Dropout with p > 0 is refused (ModelError): the count
@@ -109,8 +112,9 @@ class LawCount:
     - `complete`: the points agree, n_known == n_laws (or == `first_order_bound` when those
       meet) and every detected law checked; None when the bounds do not decide it;
     - `first_order_bound` = D − rank W(θ) ≥ n_laws, from the fields alone (smallest over points);
-    - `gap`: the smallest part outside the span of a field that was kept over the largest of
-      one that was not (relative sizes, smallest over points): how clearly the rank was decided;
+    - `gap`: σ_r / σ_(r+1) at the decided rank r, σ the singular values of every field and
+      bracket computed, each divided by the size of its terms (smallest over points): how
+      clearly the rank was decided;
     - `counts`: n_laws at each point (None: bounds only), at the seeds `seeds`;
     - `stopped`: "" when every bracket search ended by itself, else the cap that stopped one
       ("max_depth" or "max_seconds"): n_laws is then only an upper bound.
@@ -137,15 +141,61 @@ class LawCount:
         )
 
 
+#: the relative round-off allowed in one computed field or bracket, divided by the size of the
+#: terms it was computed from: float64's ε = 2.2e-16 about 4,500 times (on the zoo models the
+#: singular values of round-off are ≈ 1e-15; the weakest real direction seen, which the eps of
+#: the LayerNorms of a 2-layer post-norm encoder leaves, 2e-9)
+ROUNDOFF = 1e-12
+
+
+class _Rows:
+    """Every vector the count computed, each divided by the size of the terms it came from (so
+    of norm ≤ 1), and their numerical rank: the number of singular values above √N · ROUNDOFF.
+    N rows each off by at most ROUNDOFF make a matrix off by E with ‖E‖₂ ≤ ‖E‖_F ≤ √N · ROUNDOFF,
+    which moves no singular value by more (Weyl); compressing them by a QR factorisation adds
+    about D · ε · √N, below that for D < 4,500. The rank is not read off the greedy span: a
+    basis vector grown from a vector whose new part was barely above rtol carries that vector's
+    round-off, magnified, into every later projection (a 2-layer post-norm encoder got ranks
+    one too high at two of ten points, its vectors' singular values a gap of 1e5 apart there)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Tensor] = []
+        self.matrix: Tensor | None = None  # the rows so far, compressed to their R factor
+        self.n = 0
+
+    def add(self, vectors: Tensor, scales: Tensor) -> None:
+        """Rows (n, D), each with the size of the terms it was computed from (n,); rows of size
+        0 are left out."""
+        kept = scales > 0
+        self.pending.append(vectors[kept] / scales[kept, None])
+        self.n += int(kept.sum())
+
+    def rank(self) -> tuple[int, float]:
+        """The numerical rank, and σ_r / σ_(r+1) there (how clearly it is decided)."""
+        parts = ([] if self.matrix is None else [self.matrix]) + self.pending
+        if not parts:
+            return 0, math.inf
+        matrix = torch.cat(parts)
+        if len(matrix) > matrix.shape[1]:
+            matrix = torch.linalg.qr(matrix, mode="r").R  # the same singular values, D × D
+        self.matrix, self.pending = matrix, []
+        sv = torch.linalg.svdvals(matrix)
+        rank = int((sv > math.sqrt(self.n) * ROUNDOFF).sum())
+        kept = float(sv[rank - 1]) if rank else math.inf
+        dropped = float(sv[rank]) if rank < len(sv) else 0.0
+        return rank, kept / max(dropped, torch.finfo(sv.dtype).tiny)
+
+
 class _Span:
     """An orthonormal basis grown greedily: `add` keeps a vector when the part of it outside
     the span exceeds rtol · scale (scale: the size of the terms the vector was computed from,
-    so round-off in a difference of large terms is not mistaken for a new direction)."""
+    so round-off in a difference of large terms is not mistaken for a new direction). It
+    decides when a depth of brackets has added nothing (`confirm` misses); the rank is
+    ``_Rows``'."""
 
     def __init__(self, dim: int, rtol: float, like: Tensor, capacity: int) -> None:
         self.basis = torch.zeros(capacity, dim, dtype=like.dtype, device=like.device)
         self.rank, self.rtol = 0, rtol
-        self.smallest_kept, self.largest_dropped = math.inf, 0.0
 
     def add(self, vector: Tensor, scale: float) -> bool:
         if scale == 0.0 or self.rank == len(self.basis):
@@ -153,18 +203,11 @@ class _Span:
         rest = vector
         for _ in range(2):  # twice is enough (Gram–Schmidt re-orthogonalisation)
             rest = rest - self.basis[: self.rank].T @ (self.basis[: self.rank] @ rest)
-        size = float(rest.norm()) / scale
-        if size <= self.rtol:
-            self.largest_dropped = max(self.largest_dropped, size)
+        if float(rest.norm()) <= self.rtol * scale:
             return False
-        self.smallest_kept = min(self.smallest_kept, size)
         self.basis[self.rank] = rest / rest.norm()
         self.rank += 1
         return True
-
-    @property
-    def gap(self) -> float:
-        return self.smallest_kept / max(self.largest_dropped, torch.finfo(self.basis.dtype).tiny)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -243,6 +286,9 @@ class _Evaluate(TorchFunctionMode):
             return self._sdpa(*args, **kwargs)
         if name == "_weight_norm":
             return self._weight_norm(*args, **kwargs)
+        if name == "layer_norm":  # F.layer_norm called by the model itself (nn.LayerNorm's forward is replaced)
+            self.used.add("layer_norm")
+            return _layer_norm(*args, **kwargs)
         if name in _DROPOUTS:
             p = float(_argument(args, kwargs, 1, "p", 0.5))
             training = bool(_argument(args, kwargs, 2, "training", kwargs.get("train", True)))
@@ -297,16 +343,26 @@ def _explicit_norm(self: nn.Module, x: Tensor) -> Tensor:
     """(x − mean) / √(var + eps) · γ + β over the normalised axes (the last ones for a
     LayerNorm; all but the channel axis 1 for a BatchNorm, batch statistics), op by op."""
     if isinstance(self, nn.LayerNorm):
-        dims = tuple(range(-len(self.normalized_shape), 0))
-        shape = self.normalized_shape
-    else:
-        dims = (0, *range(2, x.ndim))
-        shape = (-1, *(1,) * (x.ndim - 2))
+        return _layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    dims = (0, *range(2, x.ndim))
+    shape = (-1, *(1,) * (x.ndim - 2))
     centred = x - x.mean(dims, keepdim=True)
     out = centred / (centred.square().mean(dims, keepdim=True) + self.eps).sqrt()
     if self.weight is not None:
         out = out * self.weight.reshape(shape)
     return out if self.bias is None else out + self.bias.reshape(shape)
+
+
+def _layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """``F.layer_norm``, (x − mean) / √(var + eps) · γ + β over the trailing axes of
+    `normalized_shape`, op by op."""
+    size = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    dims = tuple(range(-len(size), 0))
+    centred = x - x.mean(dims, keepdim=True)
+    out = centred / (centred.square().mean(dims, keepdim=True) + eps).sqrt()
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
 
 
 def _random_inputs(inputs: Tensor, n: int, batch: int, generator: torch.Generator) -> Tensor:
@@ -445,9 +501,10 @@ def count(
     **Other arguments**
 
     - `n_fields`: fields for the first-order span (2D by default); `batch`: inputs per field (1,
-      or 8 for models with BatchNorm, whose output depends on the whole batch); `rtol`: rank
-      tolerance; `chunk_size`: brackets evaluated together by ``torch.func.vmap``; `confirm`:
-      misses that end a depth.
+      or 8 for models with BatchNorm, whose output depends on the whole batch); `rtol`: a
+      bracket whose part outside the span is at most rtol times its terms' size is a miss
+      (the rank itself is decided by singular values: module docstring); `chunk_size`:
+      brackets evaluated together by ``torch.func.vmap``; `confirm`: misses that end a depth.
     - `max_params`: above this many parameters no bracket is computed: the result has
       ``n_laws=None`` and the bounds only (the first-order one from as many fields as fit in
       memory), and a warning says so.
@@ -526,16 +583,20 @@ def count(
         complete = True if n_known == first_order_bound and not law_notes and all(r.mixed for r in results) else None
         return LawCount(dim, None, None, n_known, complete, first_order_bound, gap, "; ".join(notes), counts, seeds)
 
-    frequency = Counter(counts)
-    n_laws = min(counts, key=lambda c: (-frequency[c], c))
-    agree = len(frequency) == 1
+    # a point with a ReLU unit off or on for nearly every input counts too many laws: where
+    # the points disagree, those with every unit mixed decide
+    trusted = [r.n_laws for r in results if r.mixed] or list(counts)
+    frequency = Counter(trusted)
+    n_laws = min(trusted, key=lambda c: (-frequency[c], c))
+    agree = len(set(counts)) == 1
     if not agree:
-        notes.append(f"the points disagree (n_laws {', '.join(map(str, counts))} at seeds {', '.join(map(str, seeds))}): n_laws is the most common, not decided")
+        among = "" if len(trusted) == len(counts) else " of the points with every ReLU unit mixed"
+        notes.append(f"the points disagree (n_laws {', '.join(map(str, counts))} at seeds {', '.join(map(str, seeds))}): n_laws is the most common{among}, not decided")
     stopped = next((r.stopped for r in results if r.stopped), "")
     if stopped:
         notes.append(f"the bracket search was stopped by {stopped}: n_laws ≤ {n_laws} is an upper bound")
     if n_known is not None and n_known > n_laws:
-        notes.append(f"the detected laws have rank {n_known} > {n_laws}: rtol is too loose for this model")
+        notes.append(f"the detected laws have rank {n_known} > {n_laws}: the rank was decided too high (round-off above ROUNDOFF = {ROUNDOFF:g} in this model's fields?)")
     if hints and n_known is not None and n_laws > n_known:
         notes.append(
             "detection finds symmetries that depend on θ, whose laws (if any) no flowsim Law expresses and n_laws may "
@@ -574,26 +635,28 @@ def _count_at(setup: types.SimpleNamespace, seed: int, tries: int) -> types.Simp
     # 1. the span of the fields' values: the first-order bound
     with _differentiable():
         values = vmap(field, in_dims=(None, 0, 0), chunk_size=64)(theta, xs, ws)
-    span = _Span(s.dim, s.rtol, theta, capacity=min(s.dim, s.n_fields) if s.too_large else s.dim)
-    for value in values:
-        span.add(value, float(value.norm()))
-    first_order_bound = s.dim - span.rank
+    rows = _Rows()
+    rows.add(values, values.norm(dim=1))
+    rank, gap = rows.rank()
+    first_order_bound = s.dim - rank
     n_known, law_notes = _known_rank(s.exact, s.layout, theta, values)
-    result = types.SimpleNamespace(seed=seed, notes=notes, law_notes=law_notes, n_known=n_known, first_order_bound=first_order_bound, mixed=not bad, stopped="", n_laws=None)
+    result = types.SimpleNamespace(seed=seed, notes=notes, law_notes=law_notes, n_known=n_known, first_order_bound=first_order_bound, mixed=not bad, stopped="", n_laws=None, gap=gap)
     if s.too_large:
-        result.gap = span.gap
         return result
 
     # 2. brackets, depth by depth, unless equal bounds already prove the count
     depth = 2 if n_known is None or n_known < first_order_bound else 0
+    span = _Span(s.dim, s.rtol, theta, capacity=s.dim)
+    for value in values if depth else ():
+        span.add(value, float(value.norm()))
     last = 0.0  # seconds of the last chunk
-    while depth and span.rank < s.dim:
+    while depth and rank < s.dim:
         if depth > s.max_depth:
             result.stopped = "max_depth"
             notes.append("no bracket computed (max_depth=1)" if depth == 2 else f"depth {depth - 1} still raised the rank; stopped at max_depth={s.max_depth}")
             break
         terms = vmap(_outer_bracket_terms(field, depth, theta))
-        rank, misses, fresh = span.rank, 0, True
+        before, misses, fresh = rank, 0, True
         while misses < s.confirm and span.rank < s.dim:
             if time.monotonic() + last * (4 if fresh else 1) > s.deadline:
                 result.stopped = "max_seconds"
@@ -604,14 +667,16 @@ def _count_at(setup: types.SimpleNamespace, seed: int, tries: int) -> types.Simp
             w = _directions(ws.shape[1:], s.chunk_size * depth, s.loss, generator).reshape(s.chunk_size, depth, *ws.shape[1:])
             with _differentiable():
                 d_field, d_bracketed = terms(x, w)
-            for first, second in zip(d_field, d_bracketed):
-                misses += not span.add(first - second, float(first.norm() + second.norm()))
+            scales = d_field.norm(dim=1) + d_bracketed.norm(dim=1)
+            for bracket, scale in zip(d_field - d_bracketed, scales):
+                misses += not span.add(bracket, float(scale))
+            rows.add(d_field - d_bracketed, scales)
             last, fresh = time.monotonic() - tic, False
+        rank, result.gap = rows.rank()
         if result.stopped:
             break
-        depth = depth + 1 if span.rank > rank else 0
-    result.n_laws = s.dim - span.rank
-    result.gap = span.gap
+        depth = depth + 1 if rank > before else 0
+    result.n_laws = s.dim - rank
     return result
 
 

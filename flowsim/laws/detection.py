@@ -28,6 +28,13 @@ symmetry being followed:
   only, the writers scaled per unit and the readers scaled back is a symmetry: **rescale**
   Σ_w |W_w[j]|² + b_w[j]² − Σ_r |W_r[:, j]|² (and the matrix law, **linear**, where every
   path is linear). An operand nobody writes (the model's input) leaves the add without a law.
+  Where the stream (or one writer) also reaches readers that ignore a shift constant over
+  *cells* of units at each position (a LayerNorm over the units, a softmax cross-entropy
+  output; see Shifts), mixing the writers by G = exp(tA), A = 1_a 1_bᵀ + 1_b 1_aᵀ for two
+  cells, and the layers' columns by G⁻¹, only shifts those cells: the matrix law along the
+  cells, **linear** 1_aᵀ (Σ_w W_w W_wᵀ + b_w b_wᵀ − Σ_r W_rᵀ W_r) 1_b (``h = inp(x); out = h +
+  fc2(relu(fc1(h)))`` under cross-entropy; an encoder layer's input map and attention in
+  post-norm). Past an add whose other operand no writer writes, only such readers may follow.
 
 Anything else (an add with a constant or a broadcast, tanh, softmax, an unknown function)
 stops the walk: no law is made through it. The walk ends where the units are absorbed:
@@ -64,7 +71,8 @@ difference of their bias sums (Σ b_o − Σ b_fc2 in a pre-norm block) or, per 
 biases (b_conv2[j] − b_shortcut[j] in a ResNet block) is conserved. A shift that only
 Linear layers (or attention input maps) read, apart from readers that ignore it, is undone by
 their biases (b → b − W·shift): a symmetry whose generator depends on θ, whose law (if any)
-is no Law of these forms; detection names it (``detect_with_hints``) and makes no law.
+is no Law of these forms; detection names it (``detect_with_hints``) and makes no law. (Where
+the count has found a law there, it was the matrix law along the cells, which is detected.)
 
 Both walks use explicit stacks, not recursion: a stream through hundreds of residual blocks
 is longer than Python's recursion limit.
@@ -105,6 +113,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import operator
 import warnings
@@ -172,6 +181,7 @@ ADD_FUNCTIONS = {operator.add, torch.add}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 ADD_METHODS = {"add"}
 SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
+LAYER_NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm}
 #: users that read a tensor's shape, dtype or device, not its values
 METADATA_METHODS = {"size", "dim", "ones_like", "zeros_like", "new_ones", "new_zeros", "new_empty", "new_full"}
 METADATA_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like}
@@ -774,6 +784,9 @@ class _Graph:
             return self.pooled(user, flow, *POOL_FUNCTIONS[target])
         if flow.partial:
             raise _Stop(f"{user.name} ({target}) mixes the units with entries of other tensors")
+        if not method and target in LAYER_NORM_FUNCTIONS and positions == [0]:
+            axes, eps = _layer_norm_axes(user)
+            return [_Norm(user, flow.units.reshape(-1, math.prod(flow.units.shape[-axes:])), eps, flow)]
         if (target in MATMUL_METHODS if method else target in MATMUL_FUNCTIONS) and positions in ([0], [1]):
             return self.product(node, user, flow, positions[0])
         if not method and target in ATTENTION_FUNCTIONS:
@@ -978,6 +991,17 @@ def _nested(node: torch.fx.Node, user: torch.fx.Node) -> bool:
     return sum(n is node for n in found) != direct
 
 
+def _layer_norm_axes(user: torch.fx.Node) -> tuple[int, float]:
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)``: how many trailing axes it
+    normalises, and its eps (_Stop where the shape or eps is a traced value)."""
+    shape = user.kwargs.get("normalized_shape", user.args[1] if len(user.args) > 1 else None)
+    eps = user.kwargs.get("eps", user.args[4] if len(user.args) > 4 else 1e-5)
+    shape = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(shape, (tuple, list)) or not shape or any(not isinstance(d, int) for d in shape) or not isinstance(eps, (int, float)):
+        raise _Stop(f"{user.name}: a layer norm over a traced shape")
+    return len(shape), float(eps)
+
+
 def _is_move_attribute(user: torch.fx.Node) -> bool:
     return user.target is getattr and user.args[1] in MOVE_ATTRIBUTES
 
@@ -1038,6 +1062,118 @@ def _pair_law(source: _Source, ends: list[_Layer]) -> list[Law]:
             groups.append(source.terms("gram", start, stop) + tuple(_column_terms(e, start, stop, "gram") for e in ends))
             components += gram_labels(stop - start, f"head {h} " if len(ranges) > 1 else "")
         laws.append(Law("attention_vo" if mixed else "linear", site, tuple(groups), tuple(components)))
+    return laws
+
+
+def _concatenated_laws(graph: _Graph, walks: list[tuple[_Source, list]]) -> list[tuple[tuple[str, ...], Law]]:
+    """Layers of one kind that read one input alone and whose outputs are concatenated at once
+    (``torch.cat([a(x), b(x)])``, read by nothing else) and reach, along linear paths only, the
+    same layers: they are one layer of stacked rows [W_a; W_b] (and [b_a; b_b]), so any
+    invertible mixing of their units together, undone by the readers' columns, is a
+    symmetry: the linear law of the stack,
+
+        [W_a; W_b][W_a; W_b]ᵀ + [b_a; b_b][b_a; b_b]ᵀ − Σ_r W_rᵀ W_r,
+
+    whose off-diagonal blocks W_a W_bᵀ + b_a b_bᵀ − W_r[:, a]ᵀ W_r[:, b] each layer's own law
+    misses. Returns (the layers' names, the law) for each such group."""
+    groups: dict[tuple, list[tuple[_Source, list]]] = {}
+    for source, ends in walks:
+        module = graph.module(source.node)
+        if not isinstance(module, LAYERS) or not source.general or len(source.node.args) != 1 or source.node.kwargs:
+            continue
+        if not ends or any(not isinstance(e, _Layer) or not e.flow.general or e.flow.mixed or bool(e.flow.blocks.any()) for e in ends):
+            continue
+        # the paths after the cat are the same for every layer of it; before it, none
+        users = graph.value_users(source.node)
+        cat = users[0] if len(users) == 1 else None
+        if cat is not None and cat.op == "call_function" and cat.target in CAT_FUNCTIONS and cat.args and isinstance(cat.args[0], (list, tuple)):
+            if sum(t is source.node for t in cat.args[0]) == 1:
+                readers = tuple(sorted({e.node.name for e in ends}))
+                groups.setdefault((cat, source.node.args[0], _layer_signature(module), readers), []).append((source, ends))
+    laws = []
+    for members in groups.values():
+        if len(members) > 1:
+            with contextlib.suppress(_Stop):
+                laws.append(_stacked_law(members))
+    return laws
+
+
+def _layer_signature(module: nn.Module) -> tuple:
+    """What two layers must share to be one layer of stacked rows: their map of the input."""
+    bias = getattr(module, "bias", None) is not None
+    if isinstance(module, nn.Linear):
+        return (nn.Linear, module.in_features, bias)
+    return (type(module), module.in_channels, module.kernel_size, module.stride, module.padding, module.dilation, module.padding_mode, bias)
+
+
+def _stacked_law(members: list[tuple[_Source, list]]) -> tuple[tuple[str, ...], Law]:
+    """The linear law of layers stacked in the order their units meet the first reader's columns."""
+    first = members[0][1][0].node
+
+    def start(member: tuple[_Source, list]) -> int:
+        ends = [e for e in member[1] if e.node is first]
+        return int((ends[0].columns >= 0).nonzero()[0])
+
+    members = sorted(members, key=start)
+    total = sum(s.units for s, _ in members)
+    readers: dict[torch.fx.Node, _Layer] = {}
+    offset = 0
+    for source, ends in members:
+        for node in dict.fromkeys(e.node for e in ends):
+            mine = [e for e in ends if e.node is node]
+            if len(mine) != 1:
+                raise _Stop(f"{node.name}: reads one layer's units twice")
+            end = readers.setdefault(node, replace(mine[0], columns=torch.full_like(mine[0].columns, -1)))
+            columns = mine[0].columns
+            if end.rows != mine[0].rows or bool((end.columns[columns >= 0] >= 0).any()):
+                raise _Stop(f"{node.name}: two layers' units in one column")
+            end.columns[columns >= 0] = columns[columns >= 0] + offset
+        offset += source.units
+    terms = tuple(
+        Term(param, "gram", axis=axis, units=source.units, stack=(start_, total, param.rsplit(".", 1)[-1]))
+        for (source, _), start_ in zip(members, itertools.accumulate([0] + [s.units for s, _ in members]))
+        for param, axis in source.tensors
+    )
+    terms += tuple(_column_terms(e, 0, total, "gram") for e in readers.values())
+    names = tuple(s.name for s, _ in members)
+    site = "+".join(names) + "|" + "|".join(dict.fromkeys(e.node.target for e in readers.values()))
+    return names, Law("linear", site, (terms,), tuple(gram_labels(total)))
+
+
+def _repeated_slot_laws(graph: _Graph) -> list[tuple[torch.fx.Node, Law]]:
+    """A Linear reading ``torch.cat([..., h, ..., h, ...], -1)``: its column blocks that read
+    the same h act as their sum, W_1 h + W_2 h = (W_1 + W_2) h, so W_1 − W_2 moves the output
+    not at all: each entry of the difference is conserved (a translation law per column of h,
+    one component per row of W)."""
+    laws = []
+    for node in graph.gm.graph.nodes:
+        if node.op != "call_function" or node.target not in CAT_FUNCTIONS or not node.args or not isinstance(node.args[0], (list, tuple)):
+            continue
+        tensors = node.args[0]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        shape = graph.shape_of.get(node.name)
+        if any(not isinstance(t, torch.fx.Node) or graph.shape_of.get(t.name) is None for t in tensors):
+            continue
+        if shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1 or len(set(tensors)) == len(tensors):
+            continue
+        starts = list(itertools.accumulate([0] + [graph.shape_of[t.name][-1] for t in tensors]))
+        for user in graph.value_users(node):
+            module = graph.module(user)
+            if not isinstance(module, nn.Linear) or user.args != (node,) or user.kwargs or user.target in graph.excluded:
+                continue
+            weight = _prefixed(user.target, "weight")
+            groups, components = [], []
+            for t in dict.fromkeys(tensors):
+                slots = [starts[i] for i, u in enumerate(tensors) if u is t]
+                width = graph.shape_of[t.name][-1]
+                for other in slots[1:]:
+                    for j in range(width):
+                        groups.append((
+                            Term(weight, "sum", axis=0, units=module.out_features, part=(1, slots[0] + j, slots[0] + j + 1)),
+                            Term(weight, "sum", axis=0, units=module.out_features, sign=-1, part=(1, other + j, other + j + 1)),
+                        ))  # fmt: skip
+                        components += [f"row {i} col {slots[0] + j} − col {other + j}" for i in range(module.out_features)]
+            laws.append((user, Law("translation", user.target, tuple(groups), tuple(components))))
     return laws
 
 
@@ -1183,18 +1319,28 @@ def _law_from_ends(source: _Source, ends: list, loss: str, graph: _Graph) -> lis
             components = tuple(f"{unit} {j}" for j in range(source.units))
             return [Law("scale", source.name, (source.terms("sq"),), components, exact=eps == 0, eps=eps)]
         stride = 0 if _blocks(labels) is not None else 1 if torch.equal(labels, torch.arange(source.units) % groups) else None
-        if groups == 1 or stride is None:
+        if groups == 1:
             whole = tuple(Term(param, "sq", axis=axis, units=1) for param, axis in source.tensors)
             return [Law("scale", source.name, (whole,), ("layer",), exact=eps == 0, eps=eps)]
+        components = tuple(f"group {g}" for g in range(groups))
+        if stride is None:
+            # groups that are neither blocks nor an interleaving (a channel shuffle before a
+            # GroupNorm): each group the sum over its runs of consecutive units
+            cells = tuple(
+                tuple(Term(param, "sq", axis=axis, units=1, part=(axis, a, b)) for a, b in runs for param, axis in source.tensors)
+                for runs in _cell_runs(labels)
+            )
+            return [Law("scale", source.name, cells, components, exact=eps == 0, eps=eps)]
         terms = tuple(Term(param, "sq", axis=axis, units=groups, stride=stride or None) for param, axis in source.tensors)
-        return [Law("scale", source.name, (terms,), tuple(f"group {g}" for g in range(groups)), exact=eps == 0, eps=eps)]
+        return [Law("scale", source.name, (terms,), components, exact=eps == 0, eps=eps)]
     return []
 
 
 # ------------------------------------------------------------------------------------ residual streams
-def _stream_laws(graph: _Graph, walks: list[tuple[_Source, list]]) -> list[tuple[_Source, Law]]:
+def _stream_laws(graph: _Graph, walks: list[tuple[_Source, list]], loss: str) -> list[tuple[_Source, Law]]:
     """The laws of residual streams: the sources whose walks meet at adds are the stream's
-    writers, scaled (or mixed) together; the layers their walks reach are its readers."""
+    writers, scaled (or mixed) together; the layers their walks reach are its readers (where
+    others readers ignore a shift, the matrix law along cells: ``_cell_laws``)."""
     parent = list(range(len(walks)))
 
     def root(i: int) -> int:
@@ -1216,6 +1362,8 @@ def _stream_laws(graph: _Graph, walks: list[tuple[_Source, list]]) -> list[tuple
     for members in groups.values():
         with contextlib.suppress(_Stop):
             laws += _stream_group_laws([walks[i] for i in members])
+        with contextlib.suppress(_Stop):
+            laws += _cell_laws(graph, [walks[i] for i in members], loss)
     return laws
 
 
@@ -1263,6 +1411,87 @@ def _stream_group_laws(walks: list[tuple[_Source, list]]) -> list[tuple[_Source,
     return [(sources[0], law) for law in _pair_law(writer, ends)]
 
 
+def _cell_laws(graph: _Graph, walks: list[tuple[_Source, list]], loss: str) -> list[tuple[_Source, Law]]:
+    """The matrix law along cells: writers h (general sources, one width n), read by layers and
+    by readers that ignore a shift constant over each *cell* of units at each position (a
+    LayerNorm over the units, a softmax cross-entropy output; through adds too). Mixing h by
+    G = exp(tA), A = 1_a 1_bᵀ + 1_b 1_aᵀ for two cells a, b (1_a the cell's indicator), and
+    the layers' input columns by G⁻¹, changes h by t·(…)·1_a + t·(…)·1_b at each position:
+    ignored. A is symmetric, so its Noether law is conserved (Marcotte, Gribonval & Peyré):
+
+        1_aᵀ (Σ_w W_w W_wᵀ + b_w b_wᵀ − Σ_r W_rᵀ W_r) 1_b,   a ≤ b
+
+    (in ``h = inp(x); out = h + fc2(relu(fc1(h)))`` under cross-entropy: |W_inpᵀ 1|² + (1ᵀ b_inp)²
+    + |W_fc2ᵀ 1|² + (1ᵀ b_fc2)² − |W_fc1 1|²). An add whose other operand no writer writes
+    passes the shift on, not the mixing: past it only readers that ignore the shift may follow.
+    Made only where some reader ignores the shift and the cells are consecutive blocks of
+    units; where none does, the whole matrix law is the stream's (``_stream_group_laws``)."""
+    sources = [s for s, _ in walks]
+    n = sources[0].units
+    if any(not s.general or s.units != n for s in sources) or len({s.name for s in sources}) != len(sources):
+        raise _Stop("writers of different widths, or not mixed freely")
+    arrivals: dict[torch.fx.Node, dict[int, Tensor]] = {}
+    for _, ends in walks:
+        for end in ends:
+            if isinstance(end, _Merge):
+                seen = arrivals.setdefault(end.node, {})
+                if end.position in seen and not torch.equal(seen[end.position], end.flow.units):
+                    raise _Stop("one operand reached with two unit maps")
+                seen[end.position] = end.flow.units
+    if any(len(seen) == 2 and not torch.equal(seen[0], seen[1]) for seen in arrivals.values()):
+        raise _Stop("an add of the units in different places")
+    outside = {node for node, seen in arrivals.items() if len(seen) == 1}
+    if outside:
+        # past an add with an operand outside, the writers' value is shifted, not mixed: walk
+        # the units again up to those adds (the shift walk below goes past them)
+        walks = []
+        for source in sources:
+            graph.merged = set(outside)
+            walks.append((source, graph.walk(source.node, _unit_map(graph, source))))
+    layers: dict[torch.fx.Node, _Layer] = {}
+    for _, ends in walks:
+        for end in ends:
+            if not end.flow.general or end.flow.mixed or end.flow.partial or bool(end.flow.blocks.any()):
+                raise _Stop("a path that does not commute with mixing the units")
+            if isinstance(end, _Layer):
+                known = layers.setdefault(end.node, end)
+                if not torch.equal(known.columns, end.columns) or known.rows != end.rows:
+                    raise _Stop("one reader reached with two unit maps")
+    if not layers:
+        raise _Stop("no layer reads the writers")
+    cells = _Cells(n)
+    for source in sources:
+        walker = _Shifts(graph, loss, cells, width=n)
+        walker.walk(source.node, _position_ids(graph.shape(source.node), source.axis, n))
+        for value, user, _ in walker.readers:
+            # a layer reached by the mixed units reads nothing but them (an attention its
+            # query, key and value all from that one value), so a shifted value it cannot be
+            if user not in layers:
+                raise _Stop(f"{user.name}: a reader that neither ignores the shift nor is a layer")
+            inputs = (*user.args[:3], *(v for k, v in user.kwargs.items() if k in ("query", "key", "value")))
+            if isinstance(graph.module(user), nn.MultiheadAttention) and any(a is not value for a in inputs):
+                raise _Stop(f"{user.name}: an attention whose query, key and value differ")
+    labels = cells.labels()
+    count = int(labels.max()) + 1
+    if count == n or _blocks(labels) is None:
+        raise _Stop("no reader ignores the shift, or its cells are not blocks of units")
+    pool = n // count
+    terms = tuple(replace(t, pool=pool) for s in sources for t in s.terms("gram"))
+    terms += tuple(replace(_column_terms(e, 0, n, "gram"), pool=pool) for e in layers.values())
+    site = "+".join(s.name for s in sources) + "|" + "|".join(dict.fromkeys(e.node.target for e in layers.values()))
+    return [(sources[0], Law("linear", site, (terms,), tuple(gram_labels(count, "cell sums "))))]
+
+
+def _position_ids(shape: torch.Size, axis: int, n: int) -> Tensor:
+    """Shaped like a value whose `n` units lie along `axis`: position · n + unit, a position
+    being one place along every other axis (an example, a sequence position, a pixel)."""
+    axis %= len(shape)
+    other = [size for i, size in enumerate(shape) if i != axis]
+    view = [1] * len(shape)
+    view[axis] = n
+    return torch.arange(math.prod(other)).reshape(other).unsqueeze(axis) * n + torch.arange(n).reshape(view)
+
+
 # ------------------------------------------------------------------------------------ shifts
 class _Cells:
     """A partition of a writer's units, coarsened by merges (union–find): the units that a
@@ -1301,6 +1530,16 @@ def _blocks(labels: Tensor) -> list[tuple[int, int]] | None:
     return [(g * (n // cells), (g + 1) * (n // cells)) for g in range(cells)]
 
 
+def _cell_runs(labels: Tensor) -> list[list[tuple[int, int]]]:
+    """The units of each cell (in the order of ``_Cells.labels``) as runs of consecutive units."""
+    runs: list[list[tuple[int, int]]] = []
+    for cell in range(int(labels.max()) + 1):
+        members = (labels == cell).nonzero().flatten().tolist()
+        starts = [u for u in members if u - 1 not in members]
+        runs.append([(a, next(u for u in range(a, len(labels) + 1) if u not in members)) for a in starts])
+    return runs
+
+
 @dataclass(frozen=True)
 class _Shift:
     """A shift that a parameter `param` makes of the value its writer node computes. `ids`
@@ -1326,12 +1565,11 @@ class _Shift:
         """The sum a "unit" (per unit) or "uniform" (of every entry) shift conserves."""
         return Term(self.param, "sum", units=self.units if self.pattern == "unit" else 1)
 
-    def law(self, name: str, labels: Tensor) -> Law | None:
-        """The translation law of the shift constant on each cell of units (`labels`), or None
-        where the cells make no term: a "unit" shift needs consecutive blocks or an
-        interleaving (unit j in cell j mod G) and gives one sum per cell; a "position" shift
-        gives one sum per slice and cell where the cells are consecutive blocks, else the
-        coarser law of one cell."""
+    def law(self, name: str, labels: Tensor) -> Law:
+        """The translation law of the shift constant on each cell of units (`labels`): a
+        "unit" shift gives one sum per cell (one term where the cells are consecutive blocks
+        or an interleaving, unit j in cell j mod G; else a term per run of consecutive units
+        of each cell), a "position" shift one sum per slice and cell."""
         n, cells = self.units, int(labels.max()) + 1
         if self.pattern == "unit":
             if cells == n:
@@ -1340,14 +1578,15 @@ class _Shift:
                 term = Term(self.param, "sum", units=cells, stride=None if _blocks(labels) is not None else 1)
                 components = tuple(f"{self.label} group {g}" for g in range(cells))
             else:
-                return None
+                groups = tuple(tuple(Term(self.param, "sum", part=(0, a, b)) for a, b in runs) for runs in _cell_runs(labels))
+                return Law("translation", name, groups, tuple(f"{self.label} group {g}" for g in range(cells)))
             return Law("translation", name, ((term,),), components)
-        ranges = _blocks(labels)
-        if ranges is None:
-            return self.law(name, torch.zeros_like(labels)) if cells > 1 else None
         groups = tuple(
-            (Term(self.param, "sum", axis=self.keep, units=self.count, part=None if cells == 1 else (1 - self.keep, a, b)),)
-            for a, b in ranges
+            tuple(
+                Term(self.param, "sum", axis=self.keep, units=self.count, part=None if (a, b) == (0, n) else (1 - self.keep, a, b))
+                for a, b in runs
+            )
+            for runs in _cell_runs(labels)
         )
         prefix = [""] if cells == 1 else [f"group {g} " for g in range(cells)]
         components = tuple(f"{p}{self.label} {j}" for p in prefix for j in range(self.count))
@@ -1385,13 +1624,20 @@ class _Shifts:
         self._merging = True
         return True
 
-    def constant_mean(self, user: torch.fx.Node, ids: Tensor) -> bool:
-        """Whether `user`, a mean, averages over given axes along which the shift is the same."""
+    def averaged(self, user: torch.fx.Node, ids: Tensor) -> Tensor | None:
+        """The shift past `user`, a mean over given axes, or None where it averages different
+        shifts together: along those axes the shift must be the same or (a "position" shift)
+        differ by position only, one shift per cell at each position, so that their mean is
+        one per cell too (positions merged: each output entry keeps one of its positions)."""
         dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
-        if dim is None:
-            return False
+        keepdim = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
+        if dim is None or not isinstance(keepdim, bool):
+            return None
         dims = tuple(d % ids.ndim for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
-        return _constant_along(ids, dims)
+        if not _constant_along(ids if self.width is None else ids % self.width, dims):
+            return None
+        out = ids.amin(dim=dims, keepdim=keepdim)
+        return out if out.shape == self.graph.shape(user) else None
 
     def walk(self, node: torch.fx.Node, ids: Tensor) -> None:
         """Follow the shift from `node` (by an explicit stack: paths through hundreds of
@@ -1451,9 +1697,10 @@ class _Shifts:
                     going.append((user, graph.moved(node, user, ids)))
                 elif positions == [0] and (target in RESHAPE_METHODS if method else target in RESHAPE_FUNCTIONS):
                     going.append((user, ids.reshape(graph.shape(user))))
-                elif positions == [0] and target in ("mean", torch.mean) and self.constant_mean(user, ids):
-                    # the mean over axes where the shift is the same keeps it
-                    going.append((user, graph.reduced(user, ids)))
+                elif not method and target in LAYER_NORM_FUNCTIONS and positions == [0]:
+                    ignored = self.absorbed(ids, tuple(range(-_layer_norm_axes(user)[0], 0)))
+                elif positions == [0] and target in ("mean", torch.mean) and (averaged := self.averaged(user, ids)) is not None:
+                    going.append((user, averaged))
                 elif (target in ADD_METHODS if method else target in ADD_FUNCTIONS) and positions in ([0], [1]):
                     if len(user.args) != 2 or user.kwargs:
                         raise _Stop(f"{user.name}: an add with options")
@@ -1531,7 +1778,7 @@ def _shift_writers(graph: _Graph) -> Iterator[tuple[torch.fx.Node, str, list[_Sh
         embedding = isinstance(module, nn.Embedding) and module.max_norm is None and tuple(shape[-1:]) == (module.embedding_dim,)
         if shape and (isinstance(module, nn.Linear) or embedding):
             n = shape[-1]
-            atoms = torch.arange(math.prod(shape[:-1])).reshape(*shape[:-1], 1) * n + torch.arange(n)
+            atoms = _position_ids(shape, -1, n)
             if isinstance(module, nn.Linear):
                 shifts.append(_Shift("position", atoms, _prefixed(name, "weight"), n, "col", keep=1, count=module.in_features))
             else:
@@ -1578,8 +1825,8 @@ def _shift_laws(graph: _Graph, loss: str) -> tuple[list[tuple[torch.fx.Node, Law
     "uniform" shift reaches the same values, as one number, so the same walk serves it).
 
     Also returns, as sentences, the shifts that Linear readers' biases compensate (b → b −
-    W·shift): symmetries whose generator depends on θ, whose laws no flowsim Law expresses
-    (``h = inp(x); out = h + fc2(relu(fc1(h)))``: one law, which the count finds)."""
+    W·shift): symmetries whose generator depends on θ, whose laws (if any) no flowsim Law
+    expresses; leads for ``count``'s note."""
     laws: list[tuple[torch.fx.Node, Law]] = []
     hints: list[str] = []
     cancelling: dict[str, dict[tuple, list[tuple[torch.fx.Node, str, Term, str]]]] = {"unit": {}, "uniform": {}}
@@ -1769,6 +2016,8 @@ def detect_with_hints(model: nn.Module, loss: str = "cross_entropy", inputs: Ten
     order = {node: i for i, node in enumerate(graph.gm.graph.nodes)}
     contractions: dict[torch.fx.Node, list[tuple[_Source, _Contract]]] = {}
     streams: list[tuple[_Source, list]] = []
+    walked: list[tuple[_Source, list]] = []  # the other sources, with their ends
+    own: dict[str, list[Law]] = {}  # the laws each of them makes alone
     for source in _sources(graph):
         graph.merged = set()
         try:
@@ -1782,7 +2031,20 @@ def detect_with_hints(model: nn.Module, loss: str = "cross_entropy", inputs: Ten
             streams.append((source, ends))
             continue
         with contextlib.suppress(_Stop):
-            found += [(order[source.node], law) for law in _law_from_ends(source, ends, loss, graph)]
+            own[source.name] = _law_from_ends(source, ends, loss, graph)
+            found += [(order[source.node], law) for law in own[source.name]]
+        if any(isinstance(e, _Layer) for e in ends) and not all(isinstance(e, _Layer) for e in ends):
+            with contextlib.suppress(_Stop):
+                found += [(order[s.node], law) for s, law in _cell_laws(graph, [(source, ends)], loss)]
+        walked.append((source, ends))
+    # layers of one input whose outputs are concatenated are one layer: their matrix law, cross
+    # terms included, replaces each one's own
+    stacked = _concatenated_laws(graph, walked)
+    dropped = {id(law) for names, _ in stacked for name in names for law in own.get(name, []) if law.kind == "linear"}
+    found = [(i, law) for i, law in found if id(law) not in dropped]
+    node_of = {source.name: source.node for source, _ in walked}
+    found += [(order[node_of[names[0]]], law) for names, law in stacked]
+    found += [(order[node], law) for node, law in _repeated_slot_laws(graph)]
     for node, arrivals in contractions.items():
         sides = {c.side: (s, c) for s, c in arrivals}
         if len(arrivals) != 2 or set(sides) != {"query", "key"}:
@@ -1799,7 +2061,7 @@ def detect_with_hints(model: nn.Module, loss: str = "cross_entropy", inputs: Ten
         module = graph.module(node)
         if isinstance(module, nn.MultiheadAttention) and node.target not in graph.excluded:
             found += [(order[node], law) for law in _attention_module_laws(node.target, module, trainable)]
-    found += [(order[source.node], law) for source, law in _stream_laws(graph, streams)]
+    found += [(order[source.node], law) for source, law in _stream_laws(graph, streams, loss)]
     # translations: a group of terms already conserved (the logits' translation of the head) is not repeated
     known = {group for _, law in found if law.kind == "translation" for group in law.groups}
     shift_laws, hints = _shift_laws(graph, loss)

@@ -8,6 +8,8 @@ of a consumer):
     scale         |W[c]|² + b[c]²                                              form "sq"
     rescale       |W1[j]|² + b1[j]² − |W2[:, j]|²                              form "sq"
     linear        (W1 W1ᵀ + b1 b1ᵀ − W2ᵀ W2)[a, b], a ≤ b                      form "gram"
+                  or 1_aᵀ (W1 W1ᵀ + b1 b1ᵀ − W2ᵀ W2) 1_b over cells of units   form "gram", pool
+                  or the same of stacked layers, W1 = [W_a; W_b]                form "gram", stack
     attention_qk  ([W_q|b_q][W_q|b_q]ᵀ − [W_k|b_k][W_k|b_k]ᵀ)[a, b] per head   form "gram"
     attention_vo  ([W_v|b_v][W_v|b_v]ᵀ − W_oᵀ W_o)[a, b] per head              form "gram"
 
@@ -15,7 +17,14 @@ A "gram" term of r units has the r(r+1)/2 components of the symmetric matrix X X
 (r, k) matrix of the units' entries, in row-major upper-triangular order (0,0), (0,1), …,
 (0,r−1), (1,1), …. Its diagonal is the "sq" form of the same units, so the rescale law of a
 pair with no activation between is the diagonal of its linear law (both are reported: see
-flowsim.laws.detection).
+flowsim.laws.detection). With `pool` = p, consecutive runs of p units (a *cell*) are added
+up, entry by entry, before the form: a gram term of r units then has the c(c+1)/2 components
+of S Sᵀ, S = P X the (c, k) matrix of cell sums (P the c × r indicator of the c = r/p cells),
+i.e. 1_aᵀ X Xᵀ 1_b. With `stack` = (offset, total, key), the term's units are units offset …
+offset + r − 1 of a gram of `total` units, and the terms of one group with the same key are
+the row blocks of one matrix X = [X_1; X_2; …]: its gram has the blocks' own grams on its
+diagonal and the cross products X_1 X_2ᵀ off it (two Linear layers of one input whose outputs
+are concatenated are one layer: [W_a; W_b][W_a; W_b]ᵀ).
 
 A set of laws compiles to three sparse matrices (``LawSet``):
 
@@ -64,8 +73,15 @@ class Term:
     - `part` = (dim, start, stop): only that slice of the tensor, before grouping (one head's
       rows of a query map, the key third of ``nn.MultiheadAttention.in_proj_weight``).
 
+    - `pool` ("gram" only): consecutive runs of `pool` units are added up, entry by entry,
+      before the form: the term is the gram matrix of units // pool cell sums.
+    - `stack` = (offset, total, key) ("gram" only): the term is the row block offset …
+      offset + units − 1 of a gram of `total` units, with cross products against the other
+      blocks of its group with the same key (their entries aligned k-th to k-th).
+
     Forms: "sum" Σ x and "sq" Σ x² per unit (`units` components); "gram" the matrix of
-    inner products between units, Σ_k x_ak x_bk for a ≤ b (units(units+1)/2 components).
+    inner products between units, Σ_k x_ak x_bk for a ≤ b (units(units+1)/2 components), or
+    between cell sums (c(c+1)/2, c = units // pool), or of the stack (total(total+1)/2).
     """
 
     param: str
@@ -75,6 +91,8 @@ class Term:
     sign: int = 1
     stride: int | None = None
     part: tuple[int, int, int] | None = None
+    pool: int = 1
+    stack: tuple[int, int, str] | None = None
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -83,11 +101,22 @@ class Term:
             raise ValueError(f"Term: bad axis/sign/units in {self}")
         if (self.stride is not None and self.stride < 1) or (self.part is not None and len(self.part) != 3):
             raise ValueError(f"Term: bad stride/part in {self}")
+        if self.pool < 1 or self.units % self.pool or (self.pool > 1 and self.form != "gram"):
+            raise ValueError(f"Term: bad pool in {self} (a divisor of units, for a gram form only)")
+        if self.stack is not None and (
+            len(self.stack) != 3 or self.form != "gram" or self.pool != 1 or not 0 <= self.stack[0] <= self.stack[1] - self.units
+        ):
+            raise ValueError(f"Term: bad stack in {self} ((offset, total, key) inside the total, for a gram form only)")
+
+    @property
+    def cells(self) -> int:
+        """The units of the gram matrix: its stack's total, or units // pool."""
+        return self.stack[1] if self.stack is not None else self.units // self.pool
 
     @property
     def size(self) -> int:
         """The number of components the term contributes to."""
-        return self.units * (self.units + 1) // 2 if self.form == "gram" else self.units
+        return self.cells * (self.cells + 1) // 2 if self.form == "gram" else self.units
 
     def entries(self, shape: torch.Size) -> Tensor:
         """(units, k): the flat indices, within the tensor, of the entries of each unit; the
@@ -127,7 +156,7 @@ class Law:
         degrees = {FORMS[t.form] for g in self.groups for t in g}
         if len(degrees) != 1:
             raise ValueError(f"Law {self.site}: mixes linear and quadratic terms")
-        shapes = [len({(t.form, t.units) for t in g}) for g in self.groups]
+        shapes = [len({(t.form, t.size) for t in g}) for g in self.groups]
         if any(s != 1 for s in shapes) or sum(g[0].size for g in self.groups) != len(self.components):
             raise ValueError(f"Law {self.site}: component labels do not match the terms' units")
         object.__setattr__(self, "degree", degrees.pop())
@@ -194,6 +223,12 @@ class LawSet:
         row = 0
         for law in self.laws:
             for group in law.groups:
+                stacked: list[tuple[Term, Tensor]] = []
+                if group[0].form == "gram":
+                    n = group[0].cells
+                    component = torch.full((n, n), -1, dtype=torch.long)  # (a, b), a ≤ b → its row
+                    a, b = torch.triu_indices(n, n)
+                    component[a, b] = row + torch.arange(len(a))
                 for term in group:
                     if term.param not in offsets:
                         raise KeyError(f"law {law.site!r} uses parameter {term.param!r}, which is not in θ")
@@ -203,12 +238,30 @@ class LawSet:
                         rows = torch.arange(row, row + term.units).repeat_interleave(k)
                         add("linear" if term.form == "sum" else "square", rows, entries.reshape(-1), term.sign)
                         continue
-                    a, b = torch.triu_indices(term.units, term.units)
-                    rows = (row + torch.arange(len(a))).repeat_interleave(k)
-                    first, second = entries[a].reshape(-1), entries[b].reshape(-1)
-                    diagonal = (a == b).repeat_interleave(k)
+                    # component (a, b) = Σ_k (Σ_{i∈a} x_ik)(Σ_{j∈b} x_jk): every unit pair (i, j) of
+                    # the two cells, a square where i = j, else a cross product (twice where a = b)
+                    offset = term.stack[0] if term.stack is not None else 0
+                    cells = entries.reshape(term.units // term.pool, term.pool, k)
+                    a, b = torch.triu_indices(len(cells), len(cells))
+                    p = term.pool
+                    first = cells[a][:, :, None, :].expand(-1, p, p, k).reshape(-1)
+                    second = cells[b][:, None, :, :].expand(-1, p, p, k).reshape(-1)
+                    rows = component[offset + a, offset + b].repeat_interleave(p * p * k)
+                    diagonal = first == second
                     add("square", rows[diagonal], first[diagonal], term.sign)
                     add("cross", rows[~diagonal], torch.stack([first[~diagonal], second[~diagonal]]), term.sign)
+                    if term.stack is not None:
+                        # the cross products with the blocks of the same key before it
+                        for other, before in stacked:
+                            if other.stack[2] != term.stack[2]:
+                                continue
+                            if other.sign != term.sign or before.shape[1] != k:
+                                raise ValueError(f"law {law.site!r}: stacked blocks {other.param} and {term.param} do not align")
+                            i, j = (u.reshape(-1) for u in torch.meshgrid(torch.arange(other.units), torch.arange(term.units), indexing="ij"))
+                            low, high = torch.minimum(other.stack[0] + i, offset + j), torch.maximum(other.stack[0] + i, offset + j)
+                            pairs = torch.stack([before[i].reshape(-1), entries[j].reshape(-1)])
+                            add("cross", component[low, high].repeat_interleave(k), pairs, term.sign)
+                        stacked.append((term, entries))
                 row += group[0].size
         shape = (self.size, self.n_params)
         self._coo = {kind: _coo(parts[kind][0], parts[kind][1], parts[kind][2], shape) for kind in ("linear", "square")}
