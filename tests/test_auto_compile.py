@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch._inductor
-from torch import Tensor, nn
+from torch import Tensor
 
 import flowsim as fs
 from flowsim import data, models
@@ -25,6 +25,7 @@ from flowsim.terms import VectorField
 from flowsim.toml import run_toml
 
 from conftest import build_problem
+from test_fast_rk import Branching
 from test_resume import interrupt_at, same
 
 RUN = {"t1": 0.6, "save_every": 0.1, "laws": [], "observe": ("loss", "params"), "progress": False}
@@ -143,18 +144,6 @@ def test_auto_stays_eager_where_it_cannot_compile_or_is_not_calibrated(compiles,
     ensemble.members = ("member", 2)
     decision = RK().settle(ensemble, SaveGrid((0.0, 1.0))).decision
     assert not decision.compiled and "members" in decision.reason and compiles == []
-
-
-class Branching(nn.Module):
-    """A model whose Python branches on a value: fake tensors cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.fc(x)
-        return out if out.sum() > 0 else -out
 
 
 def test_auto_falls_back_silently_and_records_why(compiles, monkeypatch):

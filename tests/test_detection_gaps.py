@@ -14,9 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import flowsim as fs
-from flowsim.laws import Term, counting, gradient_check
+from flowsim.laws import Term, counting
 
-from conftest import orthogonality_bound
+from conftest import checked_laws
 
 
 def kinds(laws):
@@ -24,20 +24,8 @@ def kinds(laws):
 
 
 def checked(model, X, loss="cross_entropy"):
-    """The laws detected on a float64 copy of `model`, each exact one orthogonal to the gradient
-    at a random θ within orthogonality_bound."""
-    torch.manual_seed(0)
-    model, X = model.double(), X.double()
-    with torch.no_grad():
-        out = model(X)
-    y = torch.randint(out.shape[-1], (len(X),)) if loss == "cross_entropy" else torch.randn_like(out)
-    problem = fs.Problem(model, (X, y), loss=loss)
-    laws = fs.laws.detect(model, loss=loss, inputs=X)
-    exact = [law for law in laws if law.exact]
-    theta = torch.randn(problem.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    worst = gradient_check(exact, problem, theta)
-    assert float(worst.max()) <= orthogonality_bound(problem, theta), [(law.kind, law.site) for law in exact]
-    return laws
+    """The laws detected on `model`, each exact one orthogonal to the gradient within round-off."""
+    return checked_laws(model, X, loss, derived=True)
 
 
 def complete(model, X, loss="cross_entropy", expected=None):

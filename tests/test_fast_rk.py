@@ -417,19 +417,21 @@ def test_simulate_compiles_once_per_problem(monkeypatch):
     assert len(compiled) == 4
 
 
+class Branching(nn.Module):
+    """A model whose Python branches on a value: fake tensors cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.fc(x)
+        return out if out.sum() > 0 else -out
+
+
 def test_compile_refuses_value_dependent_control_flow():
     """A model whose Python branches on a value cannot be traced with fake tensors: the twin
     warns and evaluates eagerly instead of baking one branch into the graph."""
-
-    class Branching(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, x: Tensor) -> Tensor:
-            out = self.fc(x)
-            return out if out.sum() > 0 else -out
-
     torch.manual_seed(0)
     problem = fs.Problem(Branching().double(), (torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3))
     theta = problem.initial_theta()
