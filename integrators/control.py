@@ -4,6 +4,7 @@ save time (Exponential, GaussLegendre)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,15 @@ class StepSizeController:
             return h * self.ifactor
         dfactor = 1.0 if ratio < 1 else self.dfactor
         return h * min(self.ifactor, max(self.safety / ratio ** (1.0 / self.order), dfactor))
+
+    def landing(self, step: float, planned: float, ratio: float) -> tuple[bool, float]:
+        """(accepted, the next step size) after a step of length `step` with error ratio `ratio`,
+        in a loop that lands on every save time: `planned` was its step before it was cut
+        short to land there, and a step cut short does not shrink the next one. A ratio that is
+        not finite rejects the step and cuts it by dfactor."""
+        accept = ratio <= 1.0  # False for NaN
+        proposal = self.next(step, ratio) if math.isfinite(ratio) else step * self.dfactor
+        return accept, max(planned, proposal) if accept and step < planned else proposal
 
     def next_on_device(self, h: Tensor, ratio: Tensor) -> Tensor:
         """The same as 0-d float64 tensors on the device: no host synchronisation."""

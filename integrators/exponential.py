@@ -278,10 +278,7 @@ class Exponential(Integrator):
                     accept = True
                 else:
                     ratio = error_ratio(error, y, y_new, self.rtol, self.atol, term.error_norm)
-                    accept = ratio <= 1.0  # False for NaN
-                    proposal = CONTROLLER.next(step, ratio) if math.isfinite(ratio) else step * CONTROLLER.dfactor
-                    # a step cut short to land on a save time does not shrink the next one
-                    h = max(h, proposal) if accept and step < h else proposal
+                    accept, h = CONTROLLER.landing(step, h, ratio)
                     if h <= 1e-14 * max(1.0, abs(t)):
                         raise step_size_underflow("Exponential", h, t)
                 if accept:

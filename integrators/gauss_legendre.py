@@ -537,10 +537,7 @@ class GaussLegendre(Integrator):
                 if adaptive:
                     error = step * (tab.gamma * f0 + stages.combine(stages.e, k))
                     ratio = error_ratio(error, y, y_new, self.rtol, self.atol, term.error_norm)
-                    accept = ratio <= 1.0  # False for NaN
-                    proposal = controller.next(step, ratio) if math.isfinite(ratio) else step * controller.dfactor
-                    # a step cut short to land on a save time does not shrink the next one
-                    h = max(h, proposal) if accept and step < h else proposal
+                    accept, h = controller.landing(step, h, ratio)
                     if h <= 1e-14 * max(1.0, abs(t)):
                         raise step_size_underflow("GaussLegendre", h, t)
                     if not accept:
