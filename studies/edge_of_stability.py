@@ -1,6 +1,6 @@
 """Edge of stability on digits: GD beside gradient flow, the modified flow and the central flow.
 
-    python studies/edge_of_stability.py [--out out/edge_of_stability] [--quick]
+    python studies/edge_of_stability.py [--out out/edge_of_stability] [--quick] [--cases NAME ...]
 
 Every case is a model on 256 digits (mse on one-hot labels, float64, PyTorch's default init)
 and a learning rate η at which full-batch GD's sharpness rises to 2/η and stays there
@@ -73,7 +73,7 @@ CASES = {
     "ReLU MLP": Case(mlp("relu"), 1.0, start=0, steps=300, k=2, substeps=4),
     "tanh MLP from θ0": Case(mlp("tanh"), 0.5, start=0, steps=3000),
     "ReLU CNN": Case(lambda: models.cnn.vgg(depth=2, width=8), 0.5, start=0, steps=600, k=2, substeps=4),
-    "transformer": Case(lambda: models.attention.transformer(vocab=8, length=8, width=16, num_classes=10), 0.5, start=500, steps=500, k=2, substeps=2),
+    "transformer": Case(lambda: models.attention.transformer(vocab=8, length=8, width=16, num_classes=10), 0.5, start=500, steps=500, k=4, substeps=2),
 }
 QUICK = ("ReLU MLP", "tanh MLP")
 
@@ -122,6 +122,8 @@ def _flows(problem: fs.Problem, case: Case) -> dict[str, xr.Dataset]:
         rest = fs.simulate(problem, central, t1=steps * lr - float(gradient.time[switch]), **run)
     finally:
         problem.load_into_model(theta0)
+    if rest.attrs["status"] != "completed":
+        raise RuntimeError(f"the central flow did not complete: {rest.attrs['status_message']}")
     rest = rest.assign_coords(time=rest.time + float(gradient.time[switch])).isel(time=slice(1, None))
     out["central flow"] = xr.concat([head, rest.drop_vars(["nfe", "wall_time"])], dim="time", data_vars="all", coords="minimal", compat="override")
     out["central flow"].attrs["switch_time"] = float(gradient.time[switch])
@@ -259,11 +261,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(out: Path, quick: bool) -> None:
+def main(out: Path, quick: bool, cases: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # small problems: one thread is faster
     rows = []
-    for name in QUICK if quick else CASES:
+    for name in cases or (QUICK if quick else CASES):
         rows.append(case(name, out))
         print(f"{name}: {rows[-1]['seconds']:.0f} s", flush=True)
         (out / "table.md").write_text(markdown_table(rows))
@@ -275,5 +277,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/edge_of_stability"))
     parser.add_argument("--quick", action="store_true", help="the two MLP cases only")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="these cases only")
     args = parser.parse_args()
-    main(args.out, args.quick)
+    main(args.out, args.quick, args.cases)
