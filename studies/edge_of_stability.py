@@ -22,8 +22,9 @@ h_{k+1} − h_k = η²·Q(ĝ_k) (flowsim.theory, exact at any η) and each flow'
 GD's time-averaged drift (docs/concepts/edge-of-stability.md derives what each predicts).
 Cases: the tanh MLP 64-32-32-10 at η = 0.5 from GD's step 2,500 (steady oscillation) and a
 ReLU MLP of the same shape at η = 1 from θ0 (a rescale law per hidden unit); without --quick
-also the tanh MLP from θ0 and a small ReLU CNN (VGG depth 2, width 8, with max-pool) from θ0.
-About 8 minutes with --quick on 2 cores. A small transformer (one pre-norm block of width 16,
+also the tanh MLP from θ0 (5 minutes) and a small ReLU CNN (VGG depth 2, width 8, with
+max-pool) from θ0, whose central flow at h = η/4 with k = 2 had not finished after 55 minutes
+on the 2-core VM (not yet in STUDIES.md). About 8 minutes with --quick on 2 cores. A small transformer (one pre-norm block of width 16,
 an image's rows as 8 tokens) is not a case: at η = 0.5 its GD has five or more Hessian
 eigenvalues at the edge by step 500, and a central flow with k ≥ 6 directions (k(k+1)/2 third
 derivatives an evaluation) was beyond this study's budget.
