@@ -14,8 +14,6 @@ violation outside the list, and on a listed one that no longer occurs (remove it
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 #: source folder -> the package it installs as (pyproject's package-dir)
 PACKAGES = {"flowsim": "flowsim", "integrators": "flowsim.integrators", "models": "flowsim.models"}
