@@ -11,7 +11,7 @@ from .errors import ConfigError, DataError, FlowsimError, IntegrationError, Mode
 from . import data, laws, models, integrators
 from . import theory
 from .problem import Problem
-from .dynamics import CentralFlow, DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
+from .dynamics import CentralFlow, DiscreteAdam, DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
 from .integrators import ODE, RK, SDE, Discrete, Exponential, FusedEulerMaruyama, SciPy
 from .laws import Law
 from .simulation import simulate
@@ -39,6 +39,7 @@ __all__ = [
     "Problem",
     "GradientFlow",
     "DiscreteSGD",
+    "DiscreteAdam",
     "ModifiedFlow",
     "MomentumFlow",
     "SGDNoise",
