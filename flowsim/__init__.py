@@ -12,7 +12,7 @@ from . import data, laws, models, integrators
 from . import theory
 from .problem import Problem
 from .dynamics import CentralFlow, DiscreteAdam, DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
-from .integrators import ODE, RK, SDE, Discrete, Exponential, FusedEulerMaruyama, SciPy
+from .integrators import ODE, RK, SDE, AdamsBashforth, Discrete, Exponential, FusedEulerMaruyama, SciPy
 from .laws import Law
 from .simulation import simulate
 from .status import Status
@@ -45,6 +45,7 @@ __all__ = [
     "SGDNoise",
     "CentralFlow",
     "RK",
+    "AdamsBashforth",
     "ODE",
     "SciPy",
     "Exponential",

@@ -1,8 +1,9 @@
-"""HOW the dynamics move: torchdiffeq ODE solvers and a fused Runge–Kutta loop, scipy.integrate,
-an exponential integrator for stiff flows, Gauss–Legendre collocation (every quadratic law kept
-at any step), the discrete step loop, and the SGD-noise SDE (torchsde, and a fused
-Euler–Maruyama)."""
+"""HOW the dynamics move: torchdiffeq ODE solvers and a fused Runge–Kutta loop, Adams–Bashforth,
+scipy.integrate, an exponential integrator for stiff flows, Gauss–Legendre collocation (every
+quadratic law kept at any step), the discrete step loop, and the SGD-noise SDE (torchsde, and a
+fused Euler–Maruyama)."""
 
+from .adams import AdamsBashforth
 from .base import Integrator, SaveGrid, SavePoint
 from .discrete import Discrete
 from .exponential import Exponential
@@ -17,6 +18,7 @@ from .sde import SDE
 INTEGRATORS = {
     "ODE": ODE,
     "RK": RK,
+    "AdamsBashforth": AdamsBashforth,
     "SciPy": SciPy,
     "Exponential": Exponential,
     "GaussLegendre": GaussLegendre,

@@ -43,7 +43,7 @@ FIXED_STEPS = {"rtol": 1e3, "atol": 1e3}
 def _fixed_step_integrators():
     """(id, h -> integrator, dynamics) for every integrator flowsim has: adaptive methods forced
     to fixed steps; the SDE integrators on SGDNoise with full batches (no noise: the drift's ODE)."""
-    from flowsim.integrators import RK, SDE, FusedEulerMaruyama
+    from flowsim.integrators import RK, SDE, AdamsBashforth, FusedEulerMaruyama
     from flowsim.integrators.ode import ADAPTIVE, FIXED
     from flowsim.integrators.rk import TABLEAUS
 
@@ -55,6 +55,7 @@ def _fixed_step_integrators():
         cases.append((f"RK-{m}", make, flow))
     cases += [(f"SciPy-{m}", lambda h, m=m: SciPy(m, first_step=h, max_step=h, **FIXED_STEPS), flow) for m in ("RK45", "DOP853", "RK23")]
     cases += [("Exponential", lambda h: Exponential(step_size=h), flow)]
+    cases += [(f"AdamsBashforth-{k}", lambda h, k=k: AdamsBashforth(order=k, dt=h), flow) for k in (1, 2, 3, 4)]
     cases += [("FusedEulerMaruyama", lambda h: FusedEulerMaruyama(dt=h), noiseless), ("SDE-euler", lambda h: SDE("euler", dt=h), noiseless)]
     return cases
 
@@ -73,9 +74,10 @@ def test_every_integrator_converges_at_its_stated_order(problem, fine_reference,
     """Each integrator's `order` from the log-log slope of its error between its two finest fixed
     steps (in the asymptotic range; the coarser third shows the approach): |slope − order| ≤ 0.5
     (measured: euler 1.00, midpoint 2.02, heun3 3.01, rk4 4.04, exponential 4.00, dopri5 5.41,
-    dopri8 7.94, DOP853 8.16). The Adams methods (order None: it grows with their history) must
-    converge faster than order 4 (measured 4.55); torchdiffeq's explicit_adams, up to order 12 with
-    a tiny stability region, diverges here (error 2.6 at h = 1/16, growing as h shrinks)."""
+    dopri8 7.94, DOP853 8.16, AdamsBashforth k = 1 … 4 1.00, 1.98, 2.92, 3.94). torchdiffeq's
+    Adams methods (order None: it grows with their history) must converge faster than order 4
+    (measured 4.55); torchdiffeq's explicit_adams, up to order 12 with a tiny stability region,
+    diverges here (error 2.6 at h = 1/16, growing as h shrinks)."""
     order = make(0.1).order
     if name == "ODE-explicit_adams":
         pytest.xfail("torchdiffeq's explicit_adams (Adams–Bashforth up to order 12) is unstable at these steps")
