@@ -12,7 +12,7 @@ from . import data, laws, models, integrators
 from . import theory
 from .problem import Problem
 from .dynamics import CentralFlow, DiscreteAdam, DiscreteSGD, GradientFlow, ModifiedFlow, MomentumFlow, SGDNoise
-from .integrators import ODE, RK, SDE, AdamsBashforth, Discrete, Exponential, FusedEulerMaruyama, SciPy
+from .integrators import ODE, RK, SDE, AdamsBashforth, Discrete, Exponential, FusedEulerMaruyama, GaussLegendre, SciPy
 from .laws import Law
 from .simulation import simulate
 from .status import Status
@@ -49,6 +49,7 @@ __all__ = [
     "ODE",
     "SciPy",
     "Exponential",
+    "GaussLegendre",
     "Discrete",
     "SDE",
     "FusedEulerMaruyama",

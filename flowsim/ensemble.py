@@ -37,7 +37,7 @@ def check_batched(dynamics: Dynamics, field: str) -> None:
     if not dynamics.batched:
         raise ConfigError(
             f"{field}: {dynamics.name} cannot run as an ensemble; expected a dynamics that touches the problem only "
-            "through its batched gradients (GradientFlow, ModifiedFlow, DiscreteSGD)"
+            "through its batched gradients (one whose class sets batched = True: GradientFlow, DiscreteSGD, …)"
         )
 
 

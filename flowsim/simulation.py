@@ -69,8 +69,9 @@ def check_device(device: torch.device | str) -> torch.device:
 
 def save_grid(dynamics: Dynamics, t1: float, save_every: float) -> SaveGrid:
     """Save times 0, save_every, 2·save_every, … up to t1 (t1 included). For discrete dynamics
-    every time is a whole number of steps Δt = η(1−d): t1 → ⌊t1/Δt⌋ steps, and save_every must
-    be a whole number of steps (to a relative 1e-9; ConfigError otherwise)."""
+    every time is a whole number of steps Δt (``Dynamics.time_step``; DiscreteSGD: η(1−d)):
+    t1 → ⌊t1/Δt⌋ steps, and save_every must be a whole number of steps (to a relative 1e-9;
+    ConfigError otherwise)."""
     t1 = check_number("run.t1", t1, minimum=0.0, exclusive_minimum=True)
     save_every = check_number("run.save_every", save_every, minimum=0.0, exclusive_minimum=True)
     if t1 > MAX_TIME:
@@ -91,19 +92,19 @@ def save_grid(dynamics: Dynamics, t1: float, save_every: float) -> SaveGrid:
     dt = dynamics.time_step
     if t1 / dt > MAX_STEPS:
         raise ConfigError(
-            f"run.t1: got {t1:g}, which takes {t1 / dt:.3g} SGD steps of Δt = lr·(1−dampening) = {dt:g}; "
+            f"run.t1: got {t1:g}, which takes {t1 / dt:.3g} {dynamics.name} steps of Δt = {dt:g}; "
             f"expected at most {MAX_STEPS:.0e} steps"
         )
     n_steps = math.floor(t1 / dt + 1e-9)
     if n_steps < 1:
-        raise ConfigError(f"run.t1: got {t1:g}; expected at least one SGD step of Δt = lr·(1−dampening) = {dt:g}")
+        raise ConfigError(f"run.t1: got {t1:g}; expected at least one {dynamics.name} step of Δt = {dt:g}")
     ratio = save_every / dt
     stride = round(ratio)
     if stride < 1 or abs(stride - ratio) > 1e-9 * ratio:
         nearest = ", ".join(f"{k * dt:.12g}" for k in dict.fromkeys((math.floor(ratio), math.ceil(ratio))) if k >= 1)
         raise ConfigError(
-            f"run.save_every: got {save_every:.12g}; expected a whole number of SGD steps of "
-            f"Δt = lr·(1−dampening) = {dt:.12g}, the nearest being {nearest}"
+            f"run.save_every: got {save_every:.12g}; expected a whole number of {dynamics.name} steps of "
+            f"Δt = {dt:.12g}, the nearest being {nearest}"
         )
     steps = list(range(0, n_steps + 1, stride))
     if steps[-1] != n_steps:

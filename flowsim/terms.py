@@ -4,6 +4,7 @@ the terms that go in, and the save grid and save points that come out (to the re
 A dynamics, bound to a problem and an initial point, hands an integrator a *term* (after
 diffrax's terms); an integrator declares the term type it takes (``Integrator.term``) and
 integrates any term of that type. Neither side imports the other: both import this module.
+The integrators named below are examples: any integrator whose ``term`` is that type runs it.
 
 | term         | what it is                                         | integrators                                |
 |--------------|----------------------------------------------------|--------------------------------------------|

@@ -170,12 +170,12 @@ def test_save_every_must_be_a_whole_number_of_sgd_steps():
     def simulate(dynamics, save_every, t1=1.0):
         return fs.simulate(problem, dynamics, t1=t1, save_every=save_every, observe=(), progress=False)
 
-    whole = r"^run\.save_every: got 0\.15; expected a whole number of SGD steps of Δt = lr·\(1−dampening\) = 0\.1, "
+    whole = r"^run\.save_every: got 0\.15; expected a whole number of DiscreteSGD steps of Δt = 0\.1, "
     with pytest.raises(fs.ConfigError, match=whole + r"the nearest being 0\.1, 0\.2$"):
         simulate(fs.DiscreteSGD(lr=0.1), 0.15)
     with pytest.raises(fs.ConfigError, match=r"= 0\.1, the nearest being 0\.1$"):
         simulate(fs.DiscreteSGD(lr=0.1), 0.05)
-    with pytest.raises(fs.ConfigError, match=r"Δt = lr·\(1−dampening\) = 0\.05, the nearest being 0\.1, 0\.15$"):
+    with pytest.raises(fs.ConfigError, match=r"DiscreteSGD steps of Δt = 0\.05, the nearest being 0\.1, 0\.15$"):
         simulate(fs.DiscreteSGD(lr=0.1, momentum=0.5, dampening=0.5), 0.12)
     # whole numbers of steps up to round-off are taken, and saved at exact multiples of Δt
     assert list(simulate(fs.DiscreteSGD(lr=0.03), 0.3).step.values) == [0, 10, 20, 30, 33]

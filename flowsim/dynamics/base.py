@@ -28,6 +28,12 @@ class Dynamics(ABC):
         """The kind of term it hands an integrator (known before any problem is bound)."""
         return VectorField
 
+    @property
+    def time_step(self) -> float:
+        """Δt, the time one step advances: a step map's step (t = k·Δt) and the default SDE
+        step. Each discrete or stochastic dynamics gives its own; a flow has none."""
+        raise NotImplementedError(f"{self.name} has no time step: it is a flow")
+
     @abstractmethod
     def term(self, problem: Problem, theta0: Tensor) -> Term:
         """Its term on `problem` from θ0 (a (K, P) θ0 for an ensemble)."""
