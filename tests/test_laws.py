@@ -206,3 +206,9 @@ def test_rows_equal_the_sparse_products(name):
     allowed = roundoff(n_ops=terms + 2) * law_set.magnitude(rows.T).T  # + the squares' and the groups' roundings
     worst = float(((law_set.rows(rows) - expected).abs() / allowed).max())
     assert worst < 1, worst
+    # the rows of a view into a larger block (a storage offset, a row stride), and of a block of
+    # another shape after it: the same numbers, bit for bit (the reductions read views by offset)
+    block = torch.randn(7, law_set.n_params + 3, dtype=torch.float64)
+    view = block[2:5, 3:]
+    assert torch.equal(law_set.rows(view), law_set.rows(view.clone()))
+    assert torch.equal(law_set.rows(rows[:2]), law_set.rows(rows)[:2])

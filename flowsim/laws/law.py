@@ -267,6 +267,7 @@ class LawSet:
         self._coo = {kind: _coo(parts[kind][0], parts[kind][1], parts[kind][2], shape) for kind in ("linear", "square")}
         self._coo["cross"], self._pairs = _cross(parts["cross"], self.size, self.n_params)
         self._reductions = _reductions(self.laws, offsets, shape_of)
+        self._scratch: Tensor | None = None  # rows' squares, reused from one call to the next
         self._compiled: dict[tuple[torch.dtype, torch.device, bool], tuple[Tensor, Tensor, Tensor | None, Tensor]] = {}
 
     def _matrices(self, like: Tensor, absolute: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -299,12 +300,18 @@ class LawSet:
         reductions that read nothing but the rows. Otherwise the sparse matrices."""
         if self._reductions is None:
             return self.value(vectors.T).T
-        squares = vectors * vectors
+        vectors = vectors.contiguous()
+        scratch = self._scratch
+        if scratch is None or scratch.shape != vectors.shape or scratch.dtype != vectors.dtype or scratch.device != vectors.device:
+            scratch = self._scratch = torch.empty_like(vectors)
+        squares = torch.mul(vectors, vectors, out=scratch)  # reused: a fresh (R, P) block costs its page faults
+        n_rows, n_params = vectors.shape
         pieces = []
         for group in self._reductions:
             total = None
-            for term in group:
-                part = (squares if term.square else vectors)[:, term.start : term.stop].view(-1, *term.shape)
+            for term in group:  # one view op per term (a slice and a view cost two)
+                base = squares if term.square else vectors
+                part = base.as_strided((n_rows, *term.shape), (n_params, *term.strides), base.storage_offset() + term.start)
                 part = part.sum(term.dims) if term.dims else part
                 if total is None:
                     total = part if term.sign > 0 else -part
@@ -347,12 +354,13 @@ class LawSet:
 class _Reduction:
     """A term as sign · Σ over `dims` of (X or X²)[:, start:stop].view(R, *shape): `shape` is
     the parameter's with its unit axis split as (blocks, units, stride) (``Term.stride``: the
-    position p along the axis is in unit (p // stride) % units), so that the result is (R, units)."""
+    position p along the axis is in unit (p // stride) % units), so that the result is (R, units).
+    `strides` are the contiguous strides of `shape`."""
 
     square: bool
     start: int
-    stop: int
     shape: tuple[int, ...]
+    strides: tuple[int, ...]
     dims: tuple[int, ...]
     sign: int
 
@@ -378,7 +386,8 @@ def _reductions(
                 dims = tuple(1 + kept.index(i) for i in kept if i != unit)
                 start = offsets[term.param]
                 shape_kept = tuple(split[i] for i in kept)
-                terms.append(_Reduction(term.form == "sq", start, start + math.prod(shape), shape_kept, dims, term.sign))
+                strides = tuple(math.prod(shape_kept[i + 1 :]) for i in range(len(shape_kept)))
+                terms.append(_Reduction(term.form == "sq", start, shape_kept, strides, dims, term.sign))
             plan.append(terms)
     return plan
 

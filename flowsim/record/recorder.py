@@ -22,6 +22,10 @@ from .observers import all_finite, per_member, sharpness
 from .schema import DYNAMICS_VARIABLES, STATS, VARIABLES, sharpness_k
 
 
+#: the row's entries that are views of the law forms (``LawSet.rows`` of θ, ĝ and the velocity)
+FORMS = ("value", "grad_sq", "velocity_sq")
+
+
 class Recorder:
     """Evaluates the observers at each save point and streams the rows to the output."""
 
@@ -68,6 +72,7 @@ class Recorder:
         #: the dynamics' own quantities at a save point (``Term.observe``), each a variable along time
         self.dynamics_observe = dynamics_observe
         self.observed: tuple[str, ...] = ()
+        self._stacked: Tensor | None = None  # θ, ĝ (and v) stacked, the laws' input, reused
 
     def state(self) -> dict[str, Any]:
         """What the observers carry from one save point to the next (for checkpoints)."""
@@ -104,7 +109,11 @@ class Recorder:
         vectors = [theta, grad] if point.velocity is None else [theta, grad, point.velocity]
         # every law on every vector (and member) at once, as the rows of one (V·K, P) matrix:
         # (V, …, Q)
-        forms = self.laws.rows(torch.stack(vectors).view(-1, theta.shape[-1])).view(len(vectors), *theta.shape[:-1], -1)
+        stacked = self._stacked
+        if stacked is None or stacked.shape != (len(vectors), *theta.shape) or stacked.dtype != theta.dtype or stacked.device != theta.device:
+            stacked = self._stacked = theta.new_empty((len(vectors), *theta.shape))
+        torch.stack(vectors, out=stacked)  # into one block kept from row to row (a fresh one costs its page faults)
+        forms = self.laws.rows(stacked.view(-1, theta.shape[-1])).view(len(vectors), *theta.shape[:-1], -1)
         row: dict[str, Any] = {
             "time": point.time,
             "step": point.step,
@@ -131,7 +140,8 @@ class Recorder:
             row.update(observed)
         if "params" in self.observe:
             row["params"] = theta.clone()
-        if not all_finite(row):
+        # the law forms once, as the one tensor they are views of
+        if not all_finite([forms, *(v for k, v in row.items() if k not in FORMS)]):
             return False
         self.pending.append(row)
         if len(self.pending) >= self.flush_every or _time.perf_counter() - self.last_flush > self.flush_seconds:
