@@ -34,7 +34,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from flowsim.errors import ConfigError, bad_value, check_field
 from flowsim.terms import VectorField
@@ -201,7 +202,7 @@ class RK(Integrator):
     def work_estimate(self, term: VectorField, grid: SaveGrid) -> float:
         """The flops of the eager solve, estimated before it: W = F·n, F the flops of one
         evaluation of the field at (t0, y0) (its matrix products and convolutions, forward and
-        backward, as torch's FlopCounterMode counts them) and n the evaluations: s per step for
+        backward, by torch's flop formulas: ``ProductFlops``) and n the evaluations: s per step for
         a fixed-step method (exact), and for an adaptive one s'·(t1 − t0)/h + 2 with h the first
         step the loop would take (``first_step``, or torchdiffeq's selection from f(t0, y0) and
         one more evaluation) and s' its evaluations per step (s − 1 with FSAL, else s). Where
@@ -211,9 +212,9 @@ class RK(Integrator):
         tab, times = self.tableau, grid.times
         t0 = torch.tensor(times[0], dtype=torch.float64)
         memory = term.memory.state() if term.memory is not None else None
-        with FlopCounterMode(display=False) as counter:
+        with ProductFlops() as counter:
             f0 = term.f(t0, term.y0)
-        flops = counter.get_total_flops()
+        flops = counter.total
         if not tab.adaptive:
             steps = len(times) - 1 if self.step_size is None else math.ceil((times[-1] - times[0]) / self.step_size)
             evaluations = tab.stages * steps
@@ -262,6 +263,32 @@ class RK(Integrator):
 #: on that MLP at rtol 1e-6 … 1e-7), so a solve of 10–30 s may compile and take up to C more
 #: than eager. No test comes within 100× of it (the largest, a CentralFlow run, 8e9 flops).
 AUTO_COMPILE_FLOPS = 1e12
+
+
+class ProductFlops(TorchDispatchMode):
+    """Counts the flops of the operators that torch's ``FlopCounterMode`` has formulas for
+    (matrix products, convolutions, attention; its ``flop_registry``), as it counts them, run
+    inside it; FlopCounterMode itself also tracks modules and decomposes the operators it has
+    no formula for. It runs outside any compilation, so it opts out of torch wrapping its
+    dispatch in TorchDynamo's ``disable`` (``_should_skip_dynamo``, the hook TorchDispatchMode
+    documents for this), whose first call imports TorchDynamo and sympy: ~1.5 s of a process's
+    first simulate call, for a count that takes milliseconds."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 @dataclass(frozen=True)

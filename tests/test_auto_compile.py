@@ -86,6 +86,46 @@ def test_work_estimate_is_flops_times_evaluations():
     assert adaptive.work_estimate(term, grid) == pytest.approx(flops * (6 * 1.0 / h + 2), rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+def test_product_flops_count_as_flop_counter_mode(kind):
+    """RK's flop count (``rk.ProductFlops``: torch's formulas, read by a dispatch mode of its
+    own) gives FlopCounterMode's total for one gradient, matrix products, convolutions and
+    attention alike: a formula skipped or counted twice changes it by a whole term."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if kind == "transformer":  # an image's 8 rows as 8 tokens of 8 features
+        X, y = data.digits(n_train=16)
+        problem = fs.Problem(models.attention.transformer(num_classes=10), (X.view(-1, 8, 8), y))
+    else:
+        problem = build_problem(kind, n=16)
+    theta = problem.initial_theta()
+    with rk.ProductFlops() as ours:
+        problem.loss_and_grad(theta)
+    with FlopCounterMode(display=False) as theirs:
+        problem.loss_and_grad(theta)
+    assert ours.total == theirs.get_total_flops() > 0
+
+
+def test_default_first_call_does_not_import_torchdynamo():
+    """A process's first default simulate (compile="auto" deciding from the flop count) imports
+    neither TorchDynamo nor sympy: their first import costs ~1.5 s, more than the short solves
+    the decision keeps eager (run in a fresh interpreter, where nothing has imported them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, flowsim as fs\n"
+        "from flowsim import models\n"
+        "X, y = torch.randn(16, 64, dtype=torch.float64), torch.randint(0, 10, (16,))\n"
+        "problem = fs.Problem(models.mlp.mlp(depth=1, width=8).double(), (X, y))\n"
+        "ds = fs.simulate(problem, fs.GradientFlow(), t1=0.2, save_every=0.1, laws=[], progress=False)\n"
+        "assert 'auto' in ds.attrs['integrator'], ds.attrs['integrator']\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
 def benchmark_mlp() -> fs.Problem:
     """benchmarks/peer_diffrax.py's MLP: 64-128-128-10 ReLU, 512 N(0, 1) examples, float64."""
     rng = np.random.default_rng(0)
